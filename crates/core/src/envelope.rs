@@ -1,0 +1,269 @@
+//! The envelope every message travels in, and its MessagePack codec.
+//!
+//! An envelope is one MessagePack array (see `docs/wire-format.md`, which is
+//! the normative description):
+//!
+//! ```text
+//! [version=1, kind, publisher_id, incarnation, seq, timestamp_ns, subject, payload]
+//! ```
+//!
+//! The codec is written by hand over `rmp` rather than derived with serde: the
+//! layout is a documented wire contract that must not drift with a struct's
+//! field order, and decoding must borrow the payload instead of copying it.
+//! Decoding never panics on any input; it returns a [`DecodeError`] that says
+//! which field was wrong.
+
+use rmp::decode::{self, NumValueReadError, ValueReadError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The version written in the first element of every envelope.
+pub const WIRE_VERSION: u64 = 1;
+
+/// Number of array elements in a version-1 envelope. Decoders ignore any
+/// elements after these (room for compatible additions).
+pub const ENVELOPE_FIELDS: u32 = 8;
+
+/// What an envelope carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// An application message; `seq` is its own sequence number.
+    Data = 0,
+    /// A liveness beacon with no payload; `seq` is the sequence number of the
+    /// last data message published (0 if none). Sent when a publisher is idle
+    /// and whenever a new subscriber joins, so subscribers learn of tail loss
+    /// and of the connection without waiting for data.
+    Heartbeat = 1,
+}
+
+impl Kind {
+    /// The name used in logs and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Data => "data",
+            Kind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// The fixed-size fields of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Data or heartbeat.
+    pub kind: Kind,
+    /// Identifies the publisher; stable across its restarts when the
+    /// application gives it a stable id.
+    pub publisher_id: u64,
+    /// Chosen anew at every start of a publisher (its start time in
+    /// nanoseconds, so later incarnations compare greater).
+    pub incarnation: u64,
+    /// Per-publisher sequence number: 1, 2, 3, ... with no holes.
+    pub seq: u64,
+    /// Publish time, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+}
+
+/// A decoded envelope borrowing its subject and payload from the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeRef<'a> {
+    /// The fixed fields.
+    pub header: Header,
+    /// The channel subject the publisher sent it on.
+    pub subject: &'a str,
+    /// The application payload (MessagePack for typed publishers).
+    pub payload: &'a [u8],
+}
+
+/// Why an envelope could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The buffer does not start with a MessagePack array.
+    #[error("not a MessagePack array")]
+    NotAnArray,
+    /// Fewer than [`ENVELOPE_FIELDS`] elements.
+    #[error("array has {0} elements; an envelope has at least {ENVELOPE_FIELDS}")]
+    TooFewFields(u32),
+    /// The buffer ended inside the named field.
+    #[error("truncated in field `{0}`")]
+    Truncated(&'static str),
+    /// The named field had the wrong MessagePack type or range.
+    #[error("field `{0}` has the wrong type")]
+    WrongType(&'static str),
+    /// A version this decoder does not speak.
+    #[error("unsupported envelope version {0} (this build speaks {WIRE_VERSION})")]
+    UnsupportedVersion(u64),
+    /// A kind this decoder does not know.
+    #[error("unknown envelope kind {0}")]
+    UnknownKind(u64),
+    /// The subject is not valid UTF-8.
+    #[error("subject is not valid UTF-8")]
+    BadSubject,
+}
+
+impl DecodeError {
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DecodeError::NotAnArray => "not_an_array",
+            DecodeError::TooFewFields(_) => "too_few_fields",
+            DecodeError::Truncated(_) => "truncated",
+            DecodeError::WrongType(_) => "wrong_type",
+            DecodeError::UnsupportedVersion(_) => "unsupported_version",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::BadSubject => "bad_subject",
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn unix_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Appends the encoded envelope to `out`.
+pub fn encode(header: &Header, subject: &str, payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(48 + subject.len() + payload.len());
+    // Writing to a Vec cannot fail.
+    let _ = rmp::encode::write_array_len(out, ENVELOPE_FIELDS);
+    let _ = rmp::encode::write_uint(out, WIRE_VERSION);
+    let _ = rmp::encode::write_uint(out, header.kind as u64);
+    let _ = rmp::encode::write_uint(out, header.publisher_id);
+    let _ = rmp::encode::write_uint(out, header.incarnation);
+    let _ = rmp::encode::write_uint(out, header.seq);
+    let _ = rmp::encode::write_uint(out, header.timestamp_ns);
+    let _ = rmp::encode::write_str(out, subject);
+    let _ = rmp::encode::write_bin(out, payload);
+}
+
+/// Decodes an envelope, borrowing subject and payload from `buf`.
+pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
+    let mut rd = buf;
+    let len = decode::read_array_len(&mut rd).map_err(|e| match e {
+        ValueReadError::TypeMismatch(_) => DecodeError::NotAnArray,
+        _ => DecodeError::Truncated("array"),
+    })?;
+    if len < ENVELOPE_FIELDS {
+        return Err(DecodeError::TooFewFields(len));
+    }
+    let version = read_u64(&mut rd, "version")?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let kind = match read_u64(&mut rd, "kind")? {
+        0 => Kind::Data,
+        1 => Kind::Heartbeat,
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    let header = Header {
+        kind,
+        publisher_id: read_u64(&mut rd, "publisher_id")?,
+        incarnation: read_u64(&mut rd, "incarnation")?,
+        seq: read_u64(&mut rd, "seq")?,
+        timestamp_ns: read_u64(&mut rd, "timestamp_ns")?,
+    };
+    let subject_len = decode::read_str_len(&mut rd).map_err(|e| value_error(e, "subject"))? as usize;
+    let subject_bytes = take(&mut rd, subject_len, "subject")?;
+    let subject = std::str::from_utf8(subject_bytes).map_err(|_| DecodeError::BadSubject)?;
+    let payload_len = decode::read_bin_len(&mut rd).map_err(|e| value_error(e, "payload"))? as usize;
+    let payload = take(&mut rd, payload_len, "payload")?;
+    Ok(EnvelopeRef { header, subject, payload })
+}
+
+fn read_u64(rd: &mut &[u8], field: &'static str) -> Result<u64, DecodeError> {
+    decode::read_int::<u64, _>(rd).map_err(|e| match e {
+        NumValueReadError::InvalidMarkerRead(_) | NumValueReadError::InvalidDataRead(_) => DecodeError::Truncated(field),
+        _ => DecodeError::WrongType(field),
+    })
+}
+
+fn value_error(e: ValueReadError, field: &'static str) -> DecodeError {
+    match e {
+        ValueReadError::TypeMismatch(_) => DecodeError::WrongType(field),
+        _ => DecodeError::Truncated(field),
+    }
+}
+
+fn take<'a>(rd: &mut &'a [u8], len: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+    if rd.len() < len {
+        return Err(DecodeError::Truncated(field));
+    }
+    let (head, tail) = rd.split_at(len);
+    *rd = tail;
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header(seq: u64) -> Header {
+        Header { kind: Kind::Data, publisher_id: u64::MAX, incarnation: 1_700_000_000_000_000_000, seq, timestamp_ns: 42 }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        encode(&header(7), "ep.a.b.c", b"hello", &mut buf);
+        let env = decode(&buf).unwrap();
+        assert_eq!(env.header, header(7));
+        assert_eq!(env.subject, "ep.a.b.c");
+        assert_eq!(env.payload, b"hello");
+    }
+
+    #[test]
+    fn known_bytes() {
+        // The example in docs/wire-format.md.
+        let mut buf = Vec::new();
+        let h = Header { kind: Kind::Data, publisher_id: 7, incarnation: 1000, seq: 1, timestamp_ns: 5 };
+        encode(&h, "ep.n.c.t", &[0xc0], &mut buf);
+        let expected: &[u8] = &[
+            0x98, 0x01, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xa8, b'e', b'p', b'.', b'n', b'.', b'c', b'.', b't',
+            0xc4, 0x01, 0xc0,
+        ];
+        assert_eq!(buf, expected);
+    }
+
+    #[test]
+    fn extra_trailing_fields_are_ignored() {
+        let mut buf = Vec::new();
+        encode(&header(1), "s", b"p", &mut buf);
+        buf[0] = 0x99; // array of 9
+        buf.push(0xc0); // nil
+        assert_eq!(decode(&buf).unwrap().payload, b"p");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(decode(&[]), Err(DecodeError::Truncated("array")));
+        assert_eq!(decode(&[0xc0]), Err(DecodeError::NotAnArray));
+        assert_eq!(decode(&[0x93, 1, 0, 0]), Err(DecodeError::TooFewFields(3)));
+        assert_eq!(decode(&[0x98, 2]), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(decode(&[0x98, 1, 9]), Err(DecodeError::UnknownKind(9)));
+        assert_eq!(decode(&[0x98, 1, 0, 0xa1, b'x']), Err(DecodeError::WrongType("publisher_id")));
+        assert_eq!(decode(&[0x98, 1, 0, 0xff]), Err(DecodeError::WrongType("publisher_id")));
+        let mut buf = Vec::new();
+        encode(&header(1), "subject", b"payload", &mut buf);
+        for cut in 0..buf.len() {
+            assert!(decode(&buf[..cut]).is_err(), "prefix of {cut} bytes decoded");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn round_trips_any_header(pid: u64, inc: u64, seq: u64, ts: u64, hb: bool, subject in ".{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let h = Header { kind: if hb { Kind::Heartbeat } else { Kind::Data }, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
+            let mut buf = Vec::new();
+            encode(&h, &subject, &payload, &mut buf);
+            let env = decode(&buf).unwrap();
+            prop_assert_eq!(env.header, h);
+            prop_assert_eq!(env.subject, subject.as_str());
+            prop_assert_eq!(env.payload, payload.as_slice());
+        }
+    }
+}

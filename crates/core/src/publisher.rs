@@ -1,0 +1,300 @@
+//! The publishing side: numbering, stamping and encoding messages, then
+//! handing them to a transport's [`FrameSink`].
+//!
+//! A [`Publisher`] is a cheap handle (clone it freely). Each publish takes one
+//! short lock that covers allocating the sequence number and handing the
+//! encoded envelope to the sink, so that numbers leave in order even when
+//! several threads publish, and a heartbeat can never announce a number whose
+//! message has not been handed over yet. Sinks never wait for subscribers:
+//! when one cannot keep up the transport drops for it, and its sequence
+//! tracking reports exactly what was lost.
+
+use serde::Serialize;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::envelope::{self, unix_nanos, Header, Kind};
+use crate::name::Channel;
+
+/// A publisher's identity on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Stable across restarts when the application chooses it (a worker id).
+    pub publisher_id: u64,
+    /// New at every start: the start time in nanoseconds, made strictly
+    /// increasing within a process.
+    pub incarnation: u64,
+}
+
+impl Identity {
+    /// An identity for `publisher_id` with a fresh incarnation.
+    pub fn new(publisher_id: u64) -> Self {
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = unix_nanos();
+        let mut prev = LAST.load(Ordering::Relaxed);
+        let incarnation = loop {
+            let next = now.max(prev + 1);
+            match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break next,
+                Err(p) => prev = p,
+            }
+        };
+        Self { publisher_id, incarnation }
+    }
+
+    /// An identity with a random publisher id (restarts then look like new
+    /// publishers, not new incarnations).
+    pub fn random() -> Self {
+        Self::new(rand::random())
+    }
+}
+
+/// Why a transport refused a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The transport has been shut down.
+    #[error("the transport is closed")]
+    Closed,
+    /// The transport failed; the message was not sent.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// Why a publish failed. The message was not sent and used no sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The encoded envelope is larger than the channel allows.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes on {subject}")]
+    TooLarge {
+        /// Encoded envelope size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+        /// The channel.
+        subject: String,
+    },
+    /// The value could not be serialized.
+    #[error("cannot encode the message: {0}")]
+    Encode(String),
+    /// The transport refused it.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// What a transport provides to a publisher: somewhere to put encoded
+/// envelopes for one channel.
+pub trait FrameSink: Send + Sync + 'static {
+    /// Hands one encoded envelope to the transport. Must return promptly: it
+    /// may drop for slow subscribers but must never wait for them.
+    fn send(&self, envelope: &[u8]) -> Result<(), SendError>;
+}
+
+/// Totals kept by a publisher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    /// Data messages handed to the transport.
+    pub published: u64,
+    /// Heartbeats handed to the transport.
+    pub heartbeats: u64,
+    /// Payload bytes published.
+    pub bytes: u64,
+    /// Publishes refused (too large, encode or transport error).
+    pub errors: u64,
+}
+
+struct SendState {
+    /// Last sequence number handed to the sink.
+    seq: u64,
+    last_send_ns: u64,
+    buf: Vec<u8>,
+    stats: PublisherStats,
+}
+
+struct Inner {
+    channel: Channel,
+    identity: Identity,
+    max_message_bytes: usize,
+    state: Mutex<SendState>,
+    sink: Box<dyn FrameSink>,
+}
+
+/// A publisher bound to one channel. See the module docs.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+/// A handle that does not keep the publisher alive (for heartbeat drivers).
+#[derive(Clone)]
+pub struct WeakPublisher(Weak<Inner>);
+
+impl WeakPublisher {
+    /// The publisher, if it still exists.
+    pub fn upgrade(&self) -> Option<Publisher> {
+        self.0.upgrade().map(|inner| Publisher { inner })
+    }
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("channel", &self.inner.channel)
+            .field("identity", &self.inner.identity)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher on `channel` writing to `sink`. Transports call this; users
+    /// get publishers from the event plane.
+    pub fn new(channel: Channel, identity: Identity, max_message_bytes: usize, sink: Box<dyn FrameSink>) -> Self {
+        let state = SendState { seq: 0, last_send_ns: 0, buf: Vec::with_capacity(256), stats: PublisherStats::default() };
+        Self { inner: Arc::new(Inner { channel, identity, max_message_bytes, state: Mutex::new(state), sink }) }
+    }
+
+    /// Publishes a value, encoded as a MessagePack map (field names included,
+    /// so readers in any language can ignore fields they do not know).
+    /// Returns its sequence number.
+    pub fn publish<T: Serialize + ?Sized>(&self, value: &T) -> Result<u64, PublishError> {
+        let payload = rmp_serde::to_vec_named(value).map_err(|e| {
+            self.count_error();
+            PublishError::Encode(e.to_string())
+        })?;
+        self.publish_bytes(&payload)
+    }
+
+    /// Publishes raw bytes as the payload. Returns its sequence number.
+    pub fn publish_bytes(&self, payload: &[u8]) -> Result<u64, PublishError> {
+        self.send(Kind::Data, payload)
+    }
+
+    /// Sends a heartbeat announcing the last sequence number published.
+    /// Transports call this when the publisher is idle and when a subscriber joins.
+    pub fn heartbeat(&self) -> Result<(), PublishError> {
+        self.send(Kind::Heartbeat, &[]).map(|_| ())
+    }
+
+    fn send(&self, kind: Kind, payload: &[u8]) -> Result<u64, PublishError> {
+        let inner = &*self.inner;
+        let subject = inner.channel.subject();
+        let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = match kind {
+            Kind::Data => st.seq + 1,
+            Kind::Heartbeat => st.seq,
+        };
+        let now = unix_nanos();
+        let header = Header { kind, publisher_id: inner.identity.publisher_id, incarnation: inner.identity.incarnation, seq, timestamp_ns: now };
+        let SendState { buf, .. } = &mut *st;
+        buf.clear();
+        envelope::encode(&header, subject, payload, buf);
+        if buf.len() > inner.max_message_bytes {
+            let size = buf.len();
+            st.stats.errors += 1;
+            return Err(PublishError::TooLarge { size, limit: inner.max_message_bytes, subject: subject.to_owned() });
+        }
+        if let Err(e) = inner.sink.send(&st.buf) {
+            st.stats.errors += 1;
+            return Err(e.into());
+        }
+        st.last_send_ns = now;
+        match kind {
+            Kind::Data => {
+                st.seq = seq;
+                st.stats.published += 1;
+                st.stats.bytes += payload.len() as u64;
+            }
+            Kind::Heartbeat => st.stats.heartbeats += 1,
+        }
+        Ok(seq)
+    }
+
+    fn count_error(&self) {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).stats.errors += 1;
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &Channel {
+        &self.inner.channel
+    }
+
+    /// The identity on the wire.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity
+    }
+
+    /// The last sequence number published (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).seq
+    }
+
+    /// Nanoseconds since anything (data or heartbeat) was sent, at `now_ns`.
+    pub fn idle_ns(&self, now_ns: u64) -> u64 {
+        let last = self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).last_send_ns;
+        now_ns.saturating_sub(last)
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> PublisherStats {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).stats
+    }
+
+    /// A handle that does not keep the publisher alive.
+    pub fn downgrade(&self) -> WeakPublisher {
+        WeakPublisher(Arc::downgrade(&self.inner))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::name::Scope;
+
+    #[derive(Default, Clone)]
+    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl FrameSink for Capture {
+        fn send(&self, envelope: &[u8]) -> Result<(), SendError> {
+            self.0.lock().unwrap().push(envelope.to_vec());
+            Ok(())
+        }
+    }
+
+    fn channel() -> Channel {
+        Scope::new("n", "c").unwrap().channel("t").unwrap()
+    }
+
+    #[test]
+    fn numbers_are_contiguous_and_heartbeats_announce_the_last() {
+        let cap = Capture::default();
+        let p = Publisher::new(channel(), Identity::new(5), 1 << 20, Box::new(cap.clone()));
+        p.heartbeat().unwrap();
+        assert_eq!(p.publish(&"a").unwrap(), 1);
+        assert_eq!(p.publish_bytes(b"b").unwrap(), 2);
+        p.heartbeat().unwrap();
+        let frames = cap.0.lock().unwrap();
+        let seqs: Vec<(Kind, u64)> = frames.iter().map(|f| {
+            let e = envelope::decode(f).unwrap();
+            (e.header.kind, e.header.seq)
+        }).collect();
+        assert_eq!(seqs, vec![(Kind::Heartbeat, 0), (Kind::Data, 1), (Kind::Data, 2), (Kind::Heartbeat, 2)]);
+        let e = envelope::decode(&frames[1]).unwrap();
+        assert_eq!(e.subject, "ep.n.c.t");
+        assert_eq!(rmp_serde::from_slice::<String>(e.payload).unwrap(), "a");
+    }
+
+    #[test]
+    fn too_large_uses_no_sequence_number() {
+        let cap = Capture::default();
+        let p = Publisher::new(channel(), Identity::new(5), 100, Box::new(cap.clone()));
+        assert!(matches!(p.publish_bytes(&[0; 200]), Err(PublishError::TooLarge { .. })));
+        assert_eq!(p.publish_bytes(b"ok").unwrap(), 1);
+        assert_eq!(p.stats().errors, 1);
+    }
+
+    #[test]
+    fn incarnations_increase() {
+        let a = Identity::new(1);
+        let b = Identity::new(1);
+        assert!(b.incarnation > a.incarnation);
+    }
+}

@@ -1,0 +1,344 @@
+//! The subscribing side: decoding envelopes from a transport's [`Source`],
+//! tracking every publisher's sequence, and yielding messages and notices.
+//!
+//! Sequence tracking runs here, after the transport's queue, so that a message
+//! lost anywhere upstream (the sender's buffer, the network, the receiver's
+//! buffer, this subscriber's own bounded queue) shows as a gap.
+//!
+//! Input from the network is never trusted: a malformed or oversized
+//! envelope, or a payload that does not decode into the expected type, is
+//! counted by kind, logged once with context, and skipped.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
+use std::sync::atomic::Ordering;
+
+use crate::envelope::{self, unix_nanos, DecodeError};
+use crate::name::Channel;
+use crate::queue::{PublisherChange, Source, SourceCounters, SourceItem};
+use crate::sequence::{Notice, SequenceCounters, SequenceTracker, Verdict};
+
+/// Where a message came from and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// The publisher's id.
+    pub publisher_id: u64,
+    /// The publisher's incarnation.
+    pub incarnation: u64,
+    /// The message's sequence number.
+    pub seq: u64,
+    /// When it was published (ns since the Unix epoch, publisher's clock).
+    pub timestamp_ns: u64,
+    /// When this subscriber decoded it (ns since the Unix epoch).
+    pub received_ns: u64,
+    /// It arrived after a gap that skipped it had been reported.
+    pub late: bool,
+}
+
+/// A message whose payload is left as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawMessage {
+    /// Envelope fields.
+    pub meta: Meta,
+    /// The payload, sharing the received buffer.
+    pub payload: Bytes,
+}
+
+/// A message decoded into `T`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message<T> {
+    /// Envelope fields.
+    pub meta: Meta,
+    /// The decoded payload.
+    pub value: T,
+}
+
+/// What a subscriber yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<M> {
+    /// A message, in arrival order.
+    Message(M),
+    /// Something sequence tracking learnt (gap, restart, ...).
+    Notice(Notice),
+    /// A publisher came or went in discovery.
+    Discovery(PublisherChange),
+}
+
+/// A subscriber's totals: transport, decoding and sequence tracking.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// Messages received by the transport.
+    pub received: u64,
+    /// Bytes received by the transport.
+    pub received_bytes: u64,
+    /// Messages dropped because this subscriber's queue was full.
+    pub queue_dropped: u64,
+    /// Messages with bad framing (wrong frame count or foreign topic).
+    pub bad_framing: u64,
+    /// Messages over the size limit.
+    pub oversized: u64,
+    /// Discovery changes dropped because their channel was full.
+    pub changes_dropped: u64,
+    /// Envelopes that failed to decode, by [`DecodeError::label`].
+    pub decode_errors: BTreeMap<&'static str, u64>,
+    /// Envelopes for another subject than this subscriber's.
+    pub wrong_subject: u64,
+    /// Payloads that did not decode into the subscriber's type.
+    pub payload_errors: u64,
+    /// Sequence tracking totals.
+    pub sequence: SequenceCounters,
+}
+
+impl SubscriberStats {
+    /// All malformed input: bad framing, oversized, undecodable, wrong subject,
+    /// bad payloads.
+    pub fn malformed(&self) -> u64 {
+        self.bad_framing + self.oversized + self.decode_errors.values().sum::<u64>() + self.wrong_subject + self.payload_errors
+    }
+}
+
+/// Logs a problem the first time it happens for a given kind, and counts
+/// every occurrence. Later occurrences are only counted (visible in stats).
+#[derive(Debug, Default)]
+pub struct LogOnce {
+    seen: std::collections::HashSet<&'static str>,
+}
+
+impl LogOnce {
+    /// True the first time `kind` is seen.
+    pub fn first(&mut self, kind: &'static str) -> bool {
+        self.seen.insert(kind)
+    }
+}
+
+/// A subscriber whose payloads are left as bytes.
+pub struct RawSubscriber {
+    channel: Channel,
+    source: Source,
+    tracker: SequenceTracker,
+    pending: VecDeque<Event<RawMessage>>,
+    notices: Vec<Notice>,
+    decode_errors: BTreeMap<&'static str, u64>,
+    wrong_subject: u64,
+    payload_errors: u64,
+    log: LogOnce,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for RawSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSubscriber").field("channel", &self.channel).finish()
+    }
+}
+
+impl RawSubscriber {
+    /// A subscriber for `channel` reading `source`. `guard` keeps the
+    /// transport's resources (threads, sockets, watchers) alive; dropping the
+    /// subscriber drops it. Transports call this.
+    pub fn new(channel: Channel, source: Source, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            channel,
+            source,
+            tracker: SequenceTracker::default(),
+            pending: VecDeque::new(),
+            notices: Vec::new(),
+            decode_errors: BTreeMap::new(),
+            wrong_subject: 0,
+            payload_errors: 0,
+            log: LogOnce::default(),
+            _guard: guard,
+        }
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The next event; `None` once the transport has shut down.
+    pub async fn recv(&mut self) -> Option<Event<RawMessage>> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            let item = self.source.next().await?;
+            self.absorb(item);
+        }
+    }
+
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event<RawMessage>> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            let item = self.source.try_next()?;
+            self.absorb(item);
+        }
+    }
+
+    /// Reports publishers silent for `timeout_ns` as [`Notice::Silent`] events.
+    pub fn check_silence(&mut self, timeout_ns: u64) {
+        self.tracker.poll_silence(unix_nanos(), timeout_ns, &mut self.notices);
+        self.pending.extend(self.notices.drain(..).map(Event::Notice));
+    }
+
+    /// The publisher's (incarnation, highest sequence) as tracked.
+    pub fn position(&self, publisher_id: u64) -> Option<(u64, u64)> {
+        self.tracker.position(publisher_id)
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> SubscriberStats {
+        let c: &SourceCounters = self.source.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        SubscriberStats {
+            received: get(&c.frames),
+            received_bytes: get(&c.bytes),
+            queue_dropped: get(&c.queue_dropped),
+            bad_framing: get(&c.bad_framing),
+            oversized: get(&c.oversized),
+            changes_dropped: get(&c.changes_dropped),
+            decode_errors: self.decode_errors.clone(),
+            wrong_subject: self.wrong_subject,
+            payload_errors: self.payload_errors,
+            sequence: self.tracker.counters(),
+        }
+    }
+
+    fn absorb(&mut self, item: SourceItem) {
+        match item {
+            SourceItem::Change(c) => self.pending.push_back(Event::Discovery(c)),
+            SourceItem::Batch(batch) => {
+                let now = unix_nanos();
+                for frame in batch {
+                    self.absorb_frame(frame, now);
+                }
+            }
+        }
+    }
+
+    fn absorb_frame(&mut self, frame: Bytes, now: u64) {
+        let env = match envelope::decode(&frame) {
+            Ok(env) => env,
+            Err(e) => return self.decode_failed(e, &frame),
+        };
+        if env.subject != self.channel.subject() {
+            self.wrong_subject += 1;
+            if self.log.first("wrong_subject") {
+                tracing::warn!(
+                    channel = %self.channel, subject = env.subject, publisher_id = env.header.publisher_id,
+                    "envelope for another subject dropped (further ones are counted, not logged)"
+                );
+            }
+            return;
+        }
+        let header = env.header;
+        let payload_range = offset_of(&frame, env.payload);
+        let verdict = self.tracker.observe(&header, now, &mut self.notices);
+        self.pending.extend(self.notices.drain(..).map(Event::Notice));
+        if let Verdict::Deliver { late } = verdict {
+            let meta = Meta {
+                publisher_id: header.publisher_id,
+                incarnation: header.incarnation,
+                seq: header.seq,
+                timestamp_ns: header.timestamp_ns,
+                received_ns: now,
+                late,
+            };
+            self.pending.push_back(Event::Message(RawMessage { meta, payload: frame.slice(payload_range) }));
+        }
+    }
+
+    fn decode_failed(&mut self, e: DecodeError, frame: &[u8]) {
+        *self.decode_errors.entry(e.label()).or_default() += 1;
+        if self.log.first(e.label()) {
+            let head: String = frame.iter().take(16).map(|b| format!("{b:02x}")).collect();
+            tracing::warn!(
+                channel = %self.channel, error = %e, len = frame.len(), head = %head,
+                "malformed envelope dropped (further ones of this kind are counted, not logged)"
+            );
+        }
+    }
+
+    fn payload_failed(&mut self, meta: &Meta, type_name: &'static str, e: &rmp_serde::decode::Error) {
+        self.payload_errors += 1;
+        if self.log.first("payload") {
+            tracing::warn!(
+                channel = %self.channel, publisher_id = meta.publisher_id, seq = meta.seq, expected = type_name, error = %e,
+                "payload does not decode into the expected type; dropped (further ones are counted, not logged)"
+            );
+        }
+    }
+}
+
+fn offset_of(outer: &[u8], inner: &[u8]) -> std::ops::Range<usize> {
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    start..start + inner.len()
+}
+
+/// A subscriber that decodes payloads (MessagePack, as [`crate::Publisher::publish`]
+/// writes them) into `T`. Payloads that do not decode are counted and skipped.
+pub struct Subscriber<T> {
+    raw: RawSubscriber,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Subscriber<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.raw.fmt(f)
+    }
+}
+
+impl<T: DeserializeOwned> Subscriber<T> {
+    /// Wraps a raw subscriber.
+    pub fn new(raw: RawSubscriber) -> Self {
+        Self { raw, _type: PhantomData }
+    }
+
+    /// The next event; `None` once the transport has shut down.
+    pub async fn recv(&mut self) -> Option<Event<Message<T>>> {
+        loop {
+            let ev = self.raw.recv().await?;
+            if let Some(ev) = self.typed(ev) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event<Message<T>>> {
+        loop {
+            let ev = self.raw.try_recv()?;
+            if let Some(ev) = self.typed(ev) {
+                return Some(ev);
+            }
+        }
+    }
+
+    fn typed(&mut self, ev: Event<RawMessage>) -> Option<Event<Message<T>>> {
+        Some(match ev {
+            Event::Message(m) => match rmp_serde::from_slice::<T>(&m.payload) {
+                Ok(value) => Event::Message(Message { meta: m.meta, value }),
+                Err(e) => {
+                    self.raw.payload_failed(&m.meta, std::any::type_name::<T>(), &e);
+                    return None;
+                }
+            },
+            Event::Notice(n) => Event::Notice(n),
+            Event::Discovery(c) => Event::Discovery(c),
+        })
+    }
+
+    /// The underlying raw subscriber.
+    pub fn raw(&mut self) -> &mut RawSubscriber {
+        &mut self.raw
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> SubscriberStats {
+        self.raw.stats()
+    }
+}
