@@ -1,0 +1,296 @@
+//! The file backend: a directory shared by the processes of one machine.
+//!
+//! Each registration is one file, `<escaped key>.json`, holding the key, the
+//! value, the owner's pid and host, and the TTL. The owner refreshes the
+//! file's modification time every third of the TTL from a thread of its own
+//! (so a starved async runtime cannot let its lease lapse), and rewrites the
+//! file if someone removed it. An entry is live while its modification time
+//! is younger than its TTL and, when it was written on this host, while its
+//! owner process exists, so a `kill -9` is noticed at the next scan, not only
+//! when the TTL runs out. Anyone who finds a dead entry deletes it.
+//!
+//! Files are written to a hidden temporary name and renamed into place, so a
+//! reader never sees half an entry. Watchers rescan when the directory
+//! changes (inotify through the `notify` crate) and at least every
+//! [`SCAN_INTERVAL`], which bounds how late an expiry is seen.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+use crate::watch::Trigger;
+use crate::{check_key, Discovery, DiscoveryError, Entry, Lease, Registration, Watch};
+
+/// Longest time between two scans of a watched directory.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
+
+const SUFFIX: &str = ".json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileEntry {
+    key: String,
+    value: serde_json::Value,
+    pid: u32,
+    host: String,
+    ttl_ms: u64,
+}
+
+/// Discovery through a shared directory. See the module docs.
+#[derive(Debug, Clone)]
+pub struct FileDiscovery {
+    dir: Arc<PathBuf>,
+    host: Arc<str>,
+    /// File names already reported as unreadable, so each is logged once.
+    bad_logged: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+impl FileDiscovery {
+    /// Uses (and creates, if needed) `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, DiscoveryError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        Ok(Self { dir: Arc::new(dir), host: hostname().into(), bad_logged: Arc::default() })
+    }
+
+    /// The directory used when none is configured: `$XDG_RUNTIME_DIR/eventplane/discovery`
+    /// if that variable is set, else `<temp dir>/eventplane-<uid>/discovery`.
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(run) if !run.is_empty() => PathBuf::from(run).join("eventplane").join("discovery"),
+            _ => {
+                // SAFETY: getuid has no preconditions and cannot fail.
+                let uid = unsafe { libc::getuid() };
+                std::env::temp_dir().join(format!("eventplane-{uid}")).join("discovery")
+            }
+        }
+    }
+
+    /// The directory in use.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_of(&self, key: &str) -> PathBuf {
+        let mut name = String::with_capacity(key.len() + SUFFIX.len());
+        for &b in key.as_bytes() {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                name.push(b as char);
+            } else {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        }
+        name.push_str(SUFFIX);
+        self.dir.join(name)
+    }
+
+    /// Reads every live entry under `prefix`, deleting dead ones.
+    fn scan(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError> {
+        let rd = std::fs::read_dir(&*self.dir).map_err(|e| io_err(&self.dir, e))?;
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for dent in rd.flatten() {
+            let name = dent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || !name.ends_with(SUFFIX) {
+                continue;
+            }
+            let path = dent.path();
+            let (Ok(meta), Ok(bytes)) = (std::fs::metadata(&path), std::fs::read(&path)) else {
+                continue; // removed between listing and reading
+            };
+            let entry: FileEntry = match serde_json::from_slice(&bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    if self.bad_logged.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned()) {
+                        tracing::warn!(path = %path.display(), error = %e, "unreadable discovery entry ignored");
+                    }
+                    continue;
+                }
+            };
+            if !entry.key.starts_with(prefix) {
+                continue;
+            }
+            let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            let owner_dead = entry.host == *self.host && !process_alive(entry.pid);
+            if owner_dead || age > Duration::from_millis(entry.ttl_ms) {
+                tracing::debug!(key = %entry.key, pid = entry.pid, owner_dead, age_ms = age.as_millis() as u64, "expiring dead discovery entry");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            out.push(Entry { key: entry.key, value: entry.value });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> DiscoveryError {
+    DiscoveryError::Io { backend: "file", location: path.display().to_string(), source }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and we stop at the first NUL either way.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::from("localhost");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[derive(Debug)]
+struct FileLease {
+    path: PathBuf,
+    stop: Option<std_mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lease for FileLease {
+    fn withdraw(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Wakes a file watcher on directory events and on a timer.
+struct FileTrigger {
+    events: mpsc::Receiver<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+#[async_trait]
+impl Trigger for FileTrigger {
+    async fn changed(&mut self) -> bool {
+        tokio::select! {
+            _ = self.events.recv() => {
+                // Let a burst of events settle into one scan.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                while self.events.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(SCAN_INTERVAL) => {}
+        }
+        true
+    }
+}
+
+#[async_trait]
+impl Discovery for FileDiscovery {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    async fn register(&self, key: &str, value: serde_json::Value, ttl: Duration) -> Result<Registration, DiscoveryError> {
+        check_key(key)?;
+        let ttl = ttl.max(Duration::from_millis(100));
+        let path = self.path_of(key);
+        let entry = FileEntry { key: key.to_owned(), value, pid: std::process::id(), host: self.host.to_string(), ttl_ms: ttl.as_millis() as u64 };
+        let bytes = serde_json::to_vec_pretty(&entry).expect("a JSON value serializes");
+        write_atomically(&path, &bytes).map_err(|e| io_err(&path, e))?;
+        let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
+        let (thread_path, refresh) = (path.clone(), ttl / 3);
+        let thread = std::thread::Builder::new()
+            .name("ep-file-lease".into())
+            .spawn(move || {
+                let warned = AtomicBool::new(false);
+                while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(refresh) {
+                    let touched = std::fs::File::options()
+                        .write(true)
+                        .open(&thread_path)
+                        .and_then(|f| f.set_modified(SystemTime::now()));
+                    let result = match touched {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomically(&thread_path, &bytes),
+                        other => other,
+                    };
+                    match result {
+                        Ok(()) => warned.store(false, Ordering::Relaxed),
+                        Err(e) if !warned.swap(true, Ordering::Relaxed) => {
+                            tracing::warn!(path = %thread_path.display(), error = %e, "cannot refresh discovery lease; retrying");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })
+            .map_err(|e| io_err(&path, e))?;
+        Ok(Registration::new(key.to_owned(), Box::new(FileLease { path, stop: Some(stop_tx), thread: Some(thread) })))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError> {
+        let me = self.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || me.scan(&prefix))
+            .await
+            .unwrap_or_else(|e| Err(io_err(&self.dir, std::io::Error::other(e))))
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch, DiscoveryError> {
+        // Fail now, not inside the watcher, if the directory is unusable.
+        self.list(prefix).await?;
+        let (tx, rx) = mpsc::channel(1);
+        let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            let _ = tx.try_send(());
+        })
+        .and_then(|mut w| {
+            use notify::Watcher;
+            w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w)
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "no file-system notifications; discovery falls back to scanning every {SCAN_INTERVAL:?}");
+                None
+            }
+        };
+        let me = self.clone();
+        let prefix = prefix.to_owned();
+        let logged = Arc::new(AtomicBool::new(false));
+        Ok(Watch::spawn(
+            move || {
+                let (me, prefix, logged) = (me.clone(), prefix.clone(), logged.clone());
+                async move {
+                    match tokio::task::spawn_blocking(move || me.scan(&prefix)).await {
+                        Ok(Ok(entries)) => Some(entries),
+                        Ok(Err(e)) => {
+                            if !logged.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(error = %e, "discovery scan failed; keeping the last known entries");
+                            }
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+            },
+            FileTrigger { events: rx, _watcher: watcher },
+        ))
+    }
+}
