@@ -1,1 +1,60 @@
-fn main(){}
+//! `eventplane`: the command-line entry point. Parses flags into validated
+//! settings, sets up logging (to stderr: stdout is reserved for output that
+//! programs read, such as `tail`'s JSON lines), runs the subcommand, and maps
+//! failures to exit codes (2: bad configuration or flags, 1: anything else).
+
+mod args;
+mod bench;
+mod demo;
+mod pace;
+mod publish;
+mod tail;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = args::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.as_str()));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let config_error = e.chain().any(|c| {
+                c.downcast_ref::<eventplane::ConfigError>().is_some()
+                    || matches!(
+                        c.downcast_ref::<eventplane::PlaneError>(),
+                        Some(eventplane::PlaneError::Unsupported(_))
+                    )
+            });
+            std::process::ExitCode::from(if config_error { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(command: args::Command) -> anyhow::Result<()> {
+    match command {
+        args::Command::Tail(a) => tail::run(a).await,
+        args::Command::Publish(a) => publish::run(a).await,
+        args::Command::Bench(a) => bench::run(a).await,
+        args::Command::BenchPeer(a) => bench::peer(a).await,
+        args::Command::Demo(a) => demo::run(a).await,
+    }
+}

@@ -117,7 +117,10 @@ impl DecodeError {
 
 /// Nanoseconds since the Unix epoch, now.
 pub fn unix_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Appends the encoded envelope to `out`.
@@ -161,17 +164,25 @@ pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
         seq: read_u64(&mut rd, "seq")?,
         timestamp_ns: read_u64(&mut rd, "timestamp_ns")?,
     };
-    let subject_len = decode::read_str_len(&mut rd).map_err(|e| value_error(e, "subject"))? as usize;
+    let subject_len =
+        decode::read_str_len(&mut rd).map_err(|e| value_error(e, "subject"))? as usize;
     let subject_bytes = take(&mut rd, subject_len, "subject")?;
     let subject = std::str::from_utf8(subject_bytes).map_err(|_| DecodeError::BadSubject)?;
-    let payload_len = decode::read_bin_len(&mut rd).map_err(|e| value_error(e, "payload"))? as usize;
+    let payload_len =
+        decode::read_bin_len(&mut rd).map_err(|e| value_error(e, "payload"))? as usize;
     let payload = take(&mut rd, payload_len, "payload")?;
-    Ok(EnvelopeRef { header, subject, payload })
+    Ok(EnvelopeRef {
+        header,
+        subject,
+        payload,
+    })
 }
 
 fn read_u64(rd: &mut &[u8], field: &'static str) -> Result<u64, DecodeError> {
     decode::read_int::<u64, _>(rd).map_err(|e| match e {
-        NumValueReadError::InvalidMarkerRead(_) | NumValueReadError::InvalidDataRead(_) => DecodeError::Truncated(field),
+        NumValueReadError::InvalidMarkerRead(_) | NumValueReadError::InvalidDataRead(_) => {
+            DecodeError::Truncated(field)
+        }
         _ => DecodeError::WrongType(field),
     })
 }
@@ -198,7 +209,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn header(seq: u64) -> Header {
-        Header { kind: Kind::Data, publisher_id: u64::MAX, incarnation: 1_700_000_000_000_000_000, seq, timestamp_ns: 42 }
+        Header {
+            kind: Kind::Data,
+            publisher_id: u64::MAX,
+            incarnation: 1_700_000_000_000_000_000,
+            seq,
+            timestamp_ns: 42,
+        }
     }
 
     #[test]
@@ -215,11 +232,17 @@ mod tests {
     fn known_bytes() {
         // The example in docs/wire-format.md.
         let mut buf = Vec::new();
-        let h = Header { kind: Kind::Data, publisher_id: 7, incarnation: 1000, seq: 1, timestamp_ns: 5 };
+        let h = Header {
+            kind: Kind::Data,
+            publisher_id: 7,
+            incarnation: 1000,
+            seq: 1,
+            timestamp_ns: 5,
+        };
         encode(&h, "ep.n.c.t", &[0xc0], &mut buf);
         let expected: &[u8] = &[
-            0x98, 0x01, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xa8, b'e', b'p', b'.', b'n', b'.', b'c', b'.', b't',
-            0xc4, 0x01, 0xc0,
+            0x98, 0x01, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xa8, b'e', b'p', b'.', b'n',
+            b'.', b'c', b'.', b't', 0xc4, 0x01, 0xc0,
         ];
         assert_eq!(buf, expected);
     }
@@ -240,12 +263,21 @@ mod tests {
         assert_eq!(decode(&[0x93, 1, 0, 0]), Err(DecodeError::TooFewFields(3)));
         assert_eq!(decode(&[0x98, 2]), Err(DecodeError::UnsupportedVersion(2)));
         assert_eq!(decode(&[0x98, 1, 9]), Err(DecodeError::UnknownKind(9)));
-        assert_eq!(decode(&[0x98, 1, 0, 0xa1, b'x']), Err(DecodeError::WrongType("publisher_id")));
-        assert_eq!(decode(&[0x98, 1, 0, 0xff]), Err(DecodeError::WrongType("publisher_id")));
+        assert_eq!(
+            decode(&[0x98, 1, 0, 0xa1, b'x']),
+            Err(DecodeError::WrongType("publisher_id"))
+        );
+        assert_eq!(
+            decode(&[0x98, 1, 0, 0xff]),
+            Err(DecodeError::WrongType("publisher_id"))
+        );
         let mut buf = Vec::new();
         encode(&header(1), "subject", b"payload", &mut buf);
         for cut in 0..buf.len() {
-            assert!(decode(&buf[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                decode(&buf[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
     }
 

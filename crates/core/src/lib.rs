@@ -36,7 +36,9 @@ pub use name::{Channel, NameError, Scope};
 pub use publisher::{FrameSink, Identity, PublishError, Publisher, PublisherStats, SendError};
 pub use queue::{source_queue, PublisherChange, QueueLimits, Source, SourceTx};
 pub use sequence::{Notice, SequenceCounters, SequenceTracker};
-pub use subscriber::{Event, Message, Meta, RawMessage, RawSubscriber, Subscriber, SubscriberStats};
+pub use subscriber::{
+    Event, Message, Meta, RawMessage, RawSubscriber, Subscriber, SubscriberStats,
+};
 
 /// Default limit on one encoded envelope, in bytes (4 MiB). Larger publishes
 /// are refused with [`PublishError::TooLarge`]; larger received messages are

@@ -42,7 +42,11 @@ struct MemSink {
 impl FrameSink for MemSink {
     fn send(&self, envelope: &[u8]) -> Result<(), SendError> {
         let frame = Bytes::copy_from_slice(envelope);
-        let subs = self.topic.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        let subs = self
+            .topic
+            .subscribers
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let mut closed = false;
         for tx in subs.iter() {
             if tx.is_closed() {
@@ -50,12 +54,18 @@ impl FrameSink for MemSink {
                 continue;
             }
             SourceCounters::bump(&tx.counters().frames);
-            tx.counters().bytes.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            tx.counters()
+                .bytes
+                .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
             tx.push(vec![frame.clone()], frame.len());
         }
         drop(subs);
         if closed {
-            self.topic.subscribers.write().unwrap_or_else(|p| p.into_inner()).retain(|tx| !tx.is_closed());
+            self.topic
+                .subscribers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|tx| !tx.is_closed());
         }
         Ok(())
     }
@@ -73,9 +83,21 @@ impl MemBus {
     }
 
     /// A publisher on `channel`.
-    pub fn publisher(&self, channel: &Channel, identity: Identity, max_message_bytes: usize) -> Publisher {
+    pub fn publisher(
+        &self,
+        channel: &Channel,
+        identity: Identity,
+        max_message_bytes: usize,
+    ) -> Publisher {
         let topic = self.topic(channel);
-        let publisher = Publisher::new(channel.clone(), identity, max_message_bytes, Box::new(MemSink { topic: topic.clone() }));
+        let publisher = Publisher::new(
+            channel.clone(),
+            identity,
+            max_message_bytes,
+            Box::new(MemSink {
+                topic: topic.clone(),
+            }),
+        );
         let mut pubs = topic.publishers.lock().unwrap_or_else(|p| p.into_inner());
         pubs.retain(|w| w.upgrade().is_some());
         pubs.push(publisher.downgrade());
@@ -87,9 +109,18 @@ impl MemBus {
     pub fn subscriber(&self, channel: &Channel, limits: QueueLimits) -> RawSubscriber {
         let topic = self.topic(channel);
         let (tx, source) = source_queue(limits);
-        topic.subscribers.write().unwrap_or_else(|p| p.into_inner()).push(tx);
-        let live: Vec<Publisher> =
-            topic.publishers.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(WeakPublisher::upgrade).collect();
+        topic
+            .subscribers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        let live: Vec<Publisher> = topic
+            .publishers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(WeakPublisher::upgrade)
+            .collect();
         for p in live {
             // A heartbeat with no payload cannot be too large; the mem sink
             // cannot fail.
@@ -111,9 +142,17 @@ mod tests {
         let bus = MemBus::new();
         let ch = Scope::new("n", "c").unwrap().channel("t").unwrap();
         let p = bus.publisher(&ch, Identity::new(1), 1 << 20);
-        let mut s: Subscriber<Vec<u32>> = Subscriber::new(bus.subscriber(&ch, QueueLimits::default()));
+        let mut s: Subscriber<Vec<u32>> =
+            Subscriber::new(bus.subscriber(&ch, QueueLimits::default()));
         // Joined through the welcome heartbeat, before any data.
-        assert!(matches!(s.recv().await, Some(Event::Notice(Notice::Joined { publisher_id: 1, seq: 0, .. }))));
+        assert!(matches!(
+            s.recv().await,
+            Some(Event::Notice(Notice::Joined {
+                publisher_id: 1,
+                seq: 0,
+                ..
+            }))
+        ));
         p.publish(&vec![1u32, 2, 3]).unwrap();
         p.publish(&"not a vec").unwrap();
         p.publish(&vec![4u32]).unwrap();
@@ -137,7 +176,13 @@ mod tests {
         let bus = MemBus::new();
         let ch = Scope::new("n", "c").unwrap().channel("t").unwrap();
         let p = bus.publisher(&ch, Identity::new(1), 1 << 20);
-        let mut slow = bus.subscriber(&ch, QueueLimits { max_bytes: 1 << 20, max_batches: 10 });
+        let mut slow = bus.subscriber(
+            &ch,
+            QueueLimits {
+                max_bytes: 1 << 20,
+                max_batches: 10,
+            },
+        );
         let mut fast = bus.subscriber(&ch, QueueLimits::default());
         for _ in 0..100 {
             p.publish_bytes(b"x").unwrap();
@@ -150,7 +195,11 @@ mod tests {
             }
         }
         let st = slow.stats();
-        assert_eq!(st.queue_dropped + got, 101, "every message offered is delivered or counted");
+        assert_eq!(
+            st.queue_dropped + got,
+            101,
+            "every message offered is delivered or counted"
+        );
         // The tail loss shows as soon as a heartbeat gets through.
         p.heartbeat().unwrap();
         while slow.try_recv().is_some() {}

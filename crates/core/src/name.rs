@@ -47,8 +47,15 @@ pub struct Scope {
 
 impl Scope {
     /// A scope of a namespace and a component.
-    pub fn new(namespace: impl Into<String>, component: impl Into<String>) -> Result<Self, NameError> {
-        let scope = Self { namespace: namespace.into(), component: component.into(), endpoint: None };
+    pub fn new(
+        namespace: impl Into<String>,
+        component: impl Into<String>,
+    ) -> Result<Self, NameError> {
+        let scope = Self {
+            namespace: namespace.into(),
+            component: component.into(),
+            endpoint: None,
+        };
         check("namespace", &scope.namespace)?;
         check("component", &scope.component)?;
         Ok(scope)
@@ -99,14 +106,23 @@ impl Channel {
         check("topic", &topic)?;
         let mut subject = String::with_capacity(64);
         subject.push_str(SUBJECT_PREFIX);
-        for part in [Some(scope.namespace.as_str()), Some(scope.component.as_str()), scope.endpoint.as_deref(), Some(topic.as_str())]
-            .into_iter()
-            .flatten()
+        for part in [
+            Some(scope.namespace.as_str()),
+            Some(scope.component.as_str()),
+            scope.endpoint.as_deref(),
+            Some(topic.as_str()),
+        ]
+        .into_iter()
+        .flatten()
         {
             subject.push('.');
             escape_into(part, &mut subject);
         }
-        Ok(Self { scope, topic, subject: subject.into() })
+        Ok(Self {
+            scope,
+            topic,
+            subject: subject.into(),
+        })
     }
 
     /// The scope.
@@ -171,7 +187,10 @@ fn check(part: &'static str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { part });
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong { part, len: name.len() });
+        return Err(NameError::TooLong {
+            part,
+            len: name.len(),
+        });
     }
     Ok(())
 }
@@ -233,9 +252,17 @@ mod tests {
 
     #[test]
     fn plain_names_are_kept_readable() {
-        let ch = Scope::new("dynamo", "backend").unwrap().channel("kv-events").unwrap();
+        let ch = Scope::new("dynamo", "backend")
+            .unwrap()
+            .channel("kv-events")
+            .unwrap();
         assert_eq!(ch.subject(), "ep.dynamo.backend.kv-events");
-        let ch = Scope::new("dynamo", "backend").unwrap().with_endpoint("generate").unwrap().channel("kv_metrics").unwrap();
+        let ch = Scope::new("dynamo", "backend")
+            .unwrap()
+            .with_endpoint("generate")
+            .unwrap()
+            .channel("kv_metrics")
+            .unwrap();
         assert_eq!(ch.subject(), "ep.dynamo.backend.generate.kv_metrics");
     }
 
@@ -245,15 +272,29 @@ mod tests {
         assert_eq!(ch.subject(), "ep.a%2Eb.%2A.%3E");
         // A dot in a name cannot fake an endpoint.
         let with_dot = Scope::new("ns", "comp.ep").unwrap().channel("t").unwrap();
-        let with_ep = Scope::new("ns", "comp").unwrap().with_endpoint("ep").unwrap().channel("t").unwrap();
+        let with_ep = Scope::new("ns", "comp")
+            .unwrap()
+            .with_endpoint("ep")
+            .unwrap()
+            .channel("t")
+            .unwrap();
         assert_ne!(with_dot.subject(), with_ep.subject());
     }
 
     #[test]
     fn empty_and_long_names_are_refused() {
-        assert_eq!(Scope::new("", "c"), Err(NameError::Empty { part: "namespace" }));
+        assert_eq!(
+            Scope::new("", "c"),
+            Err(NameError::Empty { part: "namespace" })
+        );
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        assert!(matches!(Scope::new("n", long), Err(NameError::TooLong { part: "component", .. })));
+        assert!(matches!(
+            Scope::new("n", long),
+            Err(NameError::TooLong {
+                part: "component",
+                ..
+            })
+        ));
         assert!(Scope::new("n", "c").unwrap().channel("").is_err());
     }
 

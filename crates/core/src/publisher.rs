@@ -40,7 +40,10 @@ impl Identity {
                 Err(p) => prev = p,
             }
         };
-        Self { publisher_id, incarnation }
+        Self {
+            publisher_id,
+            incarnation,
+        }
     }
 
     /// An identity with a random publisher id (restarts then look like new
@@ -88,10 +91,17 @@ pub trait FrameSink: Send + Sync + 'static {
     /// Hands one encoded envelope to the transport. Must return promptly: it
     /// may drop for slow subscribers but must never wait for them.
     fn send(&self, envelope: &[u8]) -> Result<(), SendError>;
+
+    /// The number of subscriptions the transport has seen so far, as a value
+    /// that changes when a subscriber joins; `None` if the transport cannot
+    /// tell.
+    fn subscriptions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Totals kept by a publisher.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublisherStats {
     /// Data messages handed to the transport.
     pub published: u64,
@@ -148,9 +158,27 @@ impl fmt::Debug for Publisher {
 impl Publisher {
     /// A publisher on `channel` writing to `sink`. Transports call this; users
     /// get publishers from the event plane.
-    pub fn new(channel: Channel, identity: Identity, max_message_bytes: usize, sink: Box<dyn FrameSink>) -> Self {
-        let state = SendState { seq: 0, last_send_ns: 0, buf: Vec::with_capacity(256), stats: PublisherStats::default() };
-        Self { inner: Arc::new(Inner { channel, identity, max_message_bytes, state: Mutex::new(state), sink }) }
+    pub fn new(
+        channel: Channel,
+        identity: Identity,
+        max_message_bytes: usize,
+        sink: Box<dyn FrameSink>,
+    ) -> Self {
+        let state = SendState {
+            seq: 0,
+            last_send_ns: 0,
+            buf: Vec::with_capacity(256),
+            stats: PublisherStats::default(),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                channel,
+                identity,
+                max_message_bytes,
+                state: Mutex::new(state),
+                sink,
+            }),
+        }
     }
 
     /// Publishes a value, encoded as a MessagePack map (field names included,
@@ -184,14 +212,24 @@ impl Publisher {
             Kind::Heartbeat => st.seq,
         };
         let now = unix_nanos();
-        let header = Header { kind, publisher_id: inner.identity.publisher_id, incarnation: inner.identity.incarnation, seq, timestamp_ns: now };
+        let header = Header {
+            kind,
+            publisher_id: inner.identity.publisher_id,
+            incarnation: inner.identity.incarnation,
+            seq,
+            timestamp_ns: now,
+        };
         let SendState { buf, .. } = &mut *st;
         buf.clear();
         envelope::encode(&header, subject, payload, buf);
         if buf.len() > inner.max_message_bytes {
             let size = buf.len();
             st.stats.errors += 1;
-            return Err(PublishError::TooLarge { size, limit: inner.max_message_bytes, subject: subject.to_owned() });
+            return Err(PublishError::TooLarge {
+                size,
+                limit: inner.max_message_bytes,
+                subject: subject.to_owned(),
+            });
         }
         if let Err(e) = inner.sink.send(&st.buf) {
             st.stats.errors += 1;
@@ -210,7 +248,22 @@ impl Publisher {
     }
 
     fn count_error(&self) {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).stats.errors += 1;
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .errors += 1;
+    }
+
+    /// Waits until the transport has seen at least `n` subscriptions. Returns
+    /// `false` at once if the transport cannot tell.
+    pub async fn wait_for_subscriptions(&self, n: u64) -> bool {
+        let Some(mut rx) = self.inner.sink.subscriptions() else {
+            return false;
+        };
+        let reached = rx.wait_for(|&count| count >= n).await.is_ok();
+        reached
     }
 
     /// The channel.
@@ -225,18 +278,31 @@ impl Publisher {
 
     /// The last sequence number published (0 before the first).
     pub fn last_seq(&self) -> u64 {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).seq
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seq
     }
 
     /// Nanoseconds since anything (data or heartbeat) was sent, at `now_ns`.
     pub fn idle_ns(&self, now_ns: u64) -> u64 {
-        let last = self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).last_send_ns;
+        let last = self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_send_ns;
         now_ns.saturating_sub(last)
     }
 
     /// Totals so far.
     pub fn stats(&self) -> PublisherStats {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).stats
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
     }
 
     /// A handle that does not keep the publisher alive.
@@ -272,11 +338,22 @@ mod tests {
         assert_eq!(p.publish_bytes(b"b").unwrap(), 2);
         p.heartbeat().unwrap();
         let frames = cap.0.lock().unwrap();
-        let seqs: Vec<(Kind, u64)> = frames.iter().map(|f| {
-            let e = envelope::decode(f).unwrap();
-            (e.header.kind, e.header.seq)
-        }).collect();
-        assert_eq!(seqs, vec![(Kind::Heartbeat, 0), (Kind::Data, 1), (Kind::Data, 2), (Kind::Heartbeat, 2)]);
+        let seqs: Vec<(Kind, u64)> = frames
+            .iter()
+            .map(|f| {
+                let e = envelope::decode(f).unwrap();
+                (e.header.kind, e.header.seq)
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![
+                (Kind::Heartbeat, 0),
+                (Kind::Data, 1),
+                (Kind::Data, 2),
+                (Kind::Heartbeat, 2)
+            ]
+        );
         let e = envelope::decode(&frames[1]).unwrap();
         assert_eq!(e.subject, "ep.n.c.t");
         assert_eq!(rmp_serde::from_slice::<String>(e.payload).unwrap(), "a");
@@ -286,7 +363,10 @@ mod tests {
     fn too_large_uses_no_sequence_number() {
         let cap = Capture::default();
         let p = Publisher::new(channel(), Identity::new(5), 100, Box::new(cap.clone()));
-        assert!(matches!(p.publish_bytes(&[0; 200]), Err(PublishError::TooLarge { .. })));
+        assert!(matches!(
+            p.publish_bytes(&[0; 200]),
+            Err(PublishError::TooLarge { .. })
+        ));
         assert_eq!(p.publish_bytes(b"ok").unwrap(), 1);
         assert_eq!(p.stats().errors, 1);
     }

@@ -27,14 +27,19 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_bytes: 64 << 20, max_batches: 4096 }
+        Self {
+            max_bytes: 64 << 20,
+            max_batches: 4096,
+        }
     }
 }
 
 /// A publisher appeared in or vanished from discovery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum PublisherChange {
     /// A publisher registered; the transport is connecting to it.
+    #[serde(rename = "publisher_added")]
     Added {
         /// Where it is (for ZMQ, `tcp://host:port`).
         endpoint: String,
@@ -45,6 +50,7 @@ pub enum PublisherChange {
     },
     /// A publisher's registration is gone (withdrawn, or its lease expired);
     /// the transport has disconnected from it.
+    #[serde(rename = "publisher_removed")]
     Removed {
         /// Where it was.
         endpoint: String,
@@ -115,8 +121,19 @@ pub fn source_queue(limits: QueueLimits) -> (SourceTx, Source) {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counters = Arc::new(SourceCounters::default());
     (
-        SourceTx { batches: btx, changes: ctx, in_flight: in_flight.clone(), max_bytes: limits.max_bytes, counters: counters.clone() },
-        Source { batches: brx, changes: crx, in_flight, counters },
+        SourceTx {
+            batches: btx,
+            changes: ctx,
+            in_flight: in_flight.clone(),
+            max_bytes: limits.max_bytes,
+            counters: counters.clone(),
+        },
+        Source {
+            batches: brx,
+            changes: crx,
+            in_flight,
+            counters,
+        },
     )
 }
 
@@ -144,7 +161,9 @@ impl SourceTx {
 
     fn count_dropped(&self, n: u64, bytes: usize) {
         self.counters.queue_dropped.fetch_add(n, Ordering::Relaxed);
-        self.counters.queue_dropped_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters
+            .queue_dropped_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Reports a discovery change; counted as dropped if that channel is full.
@@ -214,7 +233,10 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_drops_and_counts() {
-        let (tx, mut rx) = source_queue(QueueLimits { max_bytes: 10, max_batches: 8 });
+        let (tx, mut rx) = source_queue(QueueLimits {
+            max_bytes: 10,
+            max_batches: 8,
+        });
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert!(!tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert_eq!(tx.counters().queue_dropped.load(Ordering::Relaxed), 1);
@@ -226,7 +248,10 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_batch_passes_an_empty_queue() {
         // Otherwise one batch larger than the bound could never be delivered.
-        let (tx, _rx) = source_queue(QueueLimits { max_bytes: 4, max_batches: 8 });
+        let (tx, _rx) = source_queue(QueueLimits {
+            max_bytes: 4,
+            max_batches: 8,
+        });
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
     }
 
@@ -234,7 +259,10 @@ mod tests {
     async fn changes_come_first() {
         let (tx, mut rx) = source_queue(QueueLimits::default());
         tx.push(vec![Bytes::from_static(b"x")], 1);
-        tx.change(PublisherChange::Removed { endpoint: "e".into(), publisher_id: None });
+        tx.change(PublisherChange::Removed {
+            endpoint: "e".into(),
+            publisher_id: None,
+        });
         assert!(matches!(rx.next().await, Some(SourceItem::Change(_))));
         assert!(matches!(rx.next().await, Some(SourceItem::Batch(_))));
     }

@@ -35,26 +35,62 @@ pub const WINDOW: u64 = 4096;
 pub const DEFAULT_MAX_PUBLISHERS: usize = 65_536;
 
 /// Something the tracker learnt about a publisher's stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
 pub enum Notice {
     /// First message seen from this publisher (or from this incarnation after
     /// the tracker forgot it). `seq` is where tracking starts.
-    Joined { publisher_id: u64, incarnation: u64, seq: u64 },
+    Joined {
+        publisher_id: u64,
+        incarnation: u64,
+        seq: u64,
+    },
     /// Messages `first..=last` were not received (yet).
-    Gap { publisher_id: u64, incarnation: u64, first: u64, last: u64 },
+    Gap {
+        publisher_id: u64,
+        incarnation: u64,
+        first: u64,
+        last: u64,
+    },
     /// A message counted lost arrived after all.
-    Late { publisher_id: u64, incarnation: u64, seq: u64 },
+    Late {
+        publisher_id: u64,
+        incarnation: u64,
+        seq: u64,
+    },
     /// A message arrived twice; the copy was dropped.
-    Duplicate { publisher_id: u64, incarnation: u64, seq: u64 },
+    Duplicate {
+        publisher_id: u64,
+        incarnation: u64,
+        seq: u64,
+    },
     /// A message older than the reorder window arrived; dropped.
-    TooOld { publisher_id: u64, incarnation: u64, seq: u64 },
+    TooOld {
+        publisher_id: u64,
+        incarnation: u64,
+        seq: u64,
+    },
     /// The publisher restarted: a new incarnation. `last_seq` is the highest
     /// sequence seen from the old one; `seq` is where the new one was joined.
-    Restarted { publisher_id: u64, old_incarnation: u64, new_incarnation: u64, last_seq: u64, seq: u64 },
+    Restarted {
+        publisher_id: u64,
+        old_incarnation: u64,
+        new_incarnation: u64,
+        last_seq: u64,
+        seq: u64,
+    },
     /// A message from an incarnation older than the current one; dropped.
-    Stale { publisher_id: u64, incarnation: u64, seq: u64 },
+    Stale {
+        publisher_id: u64,
+        incarnation: u64,
+        seq: u64,
+    },
     /// Nothing (not even a heartbeat) heard from this publisher for `silent_ns`.
-    Silent { publisher_id: u64, incarnation: u64, silent_ns: u64 },
+    Silent {
+        publisher_id: u64,
+        incarnation: u64,
+        silent_ns: u64,
+    },
 }
 
 impl Notice {
@@ -100,7 +136,7 @@ pub enum Verdict {
 }
 
 /// Running totals over all publishers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SequenceCounters {
     /// Data messages delivered (in order or late).
     pub delivered: u64,
@@ -198,7 +234,11 @@ impl SequenceTracker {
     /// A tracker remembering at most `max_publishers` publishers; beyond that the
     /// one heard from least recently is forgotten (and counted as evicted).
     pub fn new(max_publishers: usize) -> Self {
-        Self { tracks: HashMap::new(), max_publishers: max_publishers.max(1), counters: SequenceCounters::default() }
+        Self {
+            tracks: HashMap::new(),
+            max_publishers: max_publishers.max(1),
+            counters: SequenceCounters::default(),
+        }
     }
 
     /// Totals so far.
@@ -213,7 +253,9 @@ impl SequenceTracker {
 
     /// The incarnation and highest sequence number known for a publisher.
     pub fn position(&self, publisher_id: u64) -> Option<(u64, u64)> {
-        self.tracks.get(&publisher_id).map(|t| (t.incarnation, t.highest))
+        self.tracks
+            .get(&publisher_id)
+            .map(|t| (t.incarnation, t.highest))
     }
 
     /// Stops tracking a publisher (for instance when discovery says it is gone
@@ -229,7 +271,11 @@ impl SequenceTracker {
         if !self.tracks.contains_key(&pid) {
             self.make_room();
             self.tracks.insert(pid, Track::new(inc, seq, now_ns));
-            out.push(Notice::Joined { publisher_id: pid, incarnation: inc, seq });
+            out.push(Notice::Joined {
+                publisher_id: pid,
+                incarnation: inc,
+                seq,
+            });
             return self.accept(is_data, false);
         }
         let c = &mut self.counters;
@@ -239,7 +285,11 @@ impl SequenceTracker {
         if inc != t.incarnation {
             if inc < t.incarnation {
                 c.stale += 1;
-                out.push(Notice::Stale { publisher_id: pid, incarnation: inc, seq });
+                out.push(Notice::Stale {
+                    publisher_id: pid,
+                    incarnation: inc,
+                    seq,
+                });
                 return Verdict::Drop;
             }
             c.restarts += 1;
@@ -259,13 +309,23 @@ impl SequenceTracker {
                 if last >= first {
                     c.gaps += 1;
                     c.lost += last - first + 1;
-                    out.push(Notice::Gap { publisher_id: pid, incarnation: inc, first, last });
+                    out.push(Notice::Gap {
+                        publisher_id: pid,
+                        incarnation: inc,
+                        first,
+                        last,
+                    });
                 }
             } else if !is_data {
                 // A heartbeat announcing exactly the next number: it was lost.
                 c.gaps += 1;
                 c.lost += 1;
-                out.push(Notice::Gap { publisher_id: pid, incarnation: inc, first: seq, last: seq });
+                out.push(Notice::Gap {
+                    publisher_id: pid,
+                    incarnation: inc,
+                    first: seq,
+                    last: seq,
+                });
             }
             t.advance(seq, is_data);
             return self.accept(is_data, false);
@@ -276,18 +336,30 @@ impl SequenceTracker {
         }
         if t.highest - seq >= WINDOW {
             c.too_old += 1;
-            out.push(Notice::TooOld { publisher_id: pid, incarnation: inc, seq });
+            out.push(Notice::TooOld {
+                publisher_id: pid,
+                incarnation: inc,
+                seq,
+            });
             return Verdict::Drop;
         }
         if !t.is_missing(seq) {
             c.duplicates += 1;
-            out.push(Notice::Duplicate { publisher_id: pid, incarnation: inc, seq });
+            out.push(Notice::Duplicate {
+                publisher_id: pid,
+                incarnation: inc,
+                seq,
+            });
             return Verdict::Drop;
         }
         t.set_missing(seq, false);
         c.late += 1;
         c.lost -= 1;
-        out.push(Notice::Late { publisher_id: pid, incarnation: inc, seq });
+        out.push(Notice::Late {
+            publisher_id: pid,
+            incarnation: inc,
+            seq,
+        });
         self.accept(true, true)
     }
 
@@ -298,7 +370,11 @@ impl SequenceTracker {
             let silent = now_ns.saturating_sub(t.last_heard_ns);
             if !t.silent_reported && silent >= timeout_ns {
                 t.silent_reported = true;
-                out.push(Notice::Silent { publisher_id: pid, incarnation: t.incarnation, silent_ns: silent });
+                out.push(Notice::Silent {
+                    publisher_id: pid,
+                    incarnation: t.incarnation,
+                    silent_ns: silent,
+                });
             }
         }
     }
@@ -331,10 +407,19 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn data(pid: u64, inc: u64, seq: u64) -> Header {
-        Header { kind: Kind::Data, publisher_id: pid, incarnation: inc, seq, timestamp_ns: 0 }
+        Header {
+            kind: Kind::Data,
+            publisher_id: pid,
+            incarnation: inc,
+            seq,
+            timestamp_ns: 0,
+        }
     }
     fn hb(pid: u64, inc: u64, seq: u64) -> Header {
-        Header { kind: Kind::Heartbeat, ..data(pid, inc, seq) }
+        Header {
+            kind: Kind::Heartbeat,
+            ..data(pid, inc, seq)
+        }
     }
 
     fn run(t: &mut SequenceTracker, h: Header) -> (Verdict, Vec<Notice>) {
@@ -347,7 +432,14 @@ mod tests {
     fn in_order_stream_has_no_notices_after_joining() {
         let mut t = SequenceTracker::default();
         let (_, n) = run(&mut t, data(1, 10, 1));
-        assert_eq!(n, vec![Notice::Joined { publisher_id: 1, incarnation: 10, seq: 1 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Joined {
+                publisher_id: 1,
+                incarnation: 10,
+                seq: 1
+            }]
+        );
         for s in 2..=10_000 {
             let (v, n) = run(&mut t, data(1, 10, s));
             assert_eq!(v, Verdict::Deliver { late: false });
@@ -362,11 +454,26 @@ mod tests {
         let mut t = SequenceTracker::default();
         run(&mut t, data(1, 1, 1));
         let (_, n) = run(&mut t, data(1, 1, 5));
-        assert_eq!(n, vec![Notice::Gap { publisher_id: 1, incarnation: 1, first: 2, last: 4 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Gap {
+                publisher_id: 1,
+                incarnation: 1,
+                first: 2,
+                last: 4
+            }]
+        );
         assert_eq!(t.counters().lost, 3);
         let (v, n) = run(&mut t, data(1, 1, 3));
         assert_eq!(v, Verdict::Deliver { late: true });
-        assert_eq!(n, vec![Notice::Late { publisher_id: 1, incarnation: 1, seq: 3 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Late {
+                publisher_id: 1,
+                incarnation: 1,
+                seq: 3
+            }]
+        );
         assert_eq!(t.counters().lost, 2);
         let (v, _) = run(&mut t, data(1, 1, 3));
         assert_eq!(v, Verdict::Drop);
@@ -382,14 +489,30 @@ mod tests {
         run(&mut t, data(1, 1, 1));
         let (v, n) = run(&mut t, hb(1, 1, 3));
         assert_eq!(v, Verdict::Heartbeat);
-        assert_eq!(n, vec![Notice::Gap { publisher_id: 1, incarnation: 1, first: 2, last: 3 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Gap {
+                publisher_id: 1,
+                incarnation: 1,
+                first: 2,
+                last: 3
+            }]
+        );
         // The message announced by the heartbeat can still arrive late.
         let (v, _) = run(&mut t, data(1, 1, 3));
         assert_eq!(v, Verdict::Deliver { late: true });
         assert_eq!(t.counters().lost, 1);
         // Heartbeat for the next number alone.
         let (_, n) = run(&mut t, hb(1, 1, 4));
-        assert_eq!(n, vec![Notice::Gap { publisher_id: 1, incarnation: 1, first: 4, last: 4 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Gap {
+                publisher_id: 1,
+                incarnation: 1,
+                first: 4,
+                last: 4
+            }]
+        );
     }
 
     #[test]
@@ -401,7 +524,13 @@ mod tests {
         assert_eq!(v, Verdict::Deliver { late: false });
         assert_eq!(
             n,
-            vec![Notice::Restarted { publisher_id: 1, old_incarnation: 100, new_incarnation: 200, last_seq: 2, seq: 1 }]
+            vec![Notice::Restarted {
+                publisher_id: 1,
+                old_incarnation: 100,
+                new_incarnation: 200,
+                last_seq: 2,
+                seq: 1
+            }]
         );
         let (v, n) = run(&mut t, data(1, 100, 3));
         assert_eq!(v, Verdict::Drop);
@@ -419,7 +548,14 @@ mod tests {
         assert!(out.is_empty());
         t.poll_silence(2_000, 1_000, &mut out);
         t.poll_silence(3_000, 1_000, &mut out);
-        assert_eq!(out, vec![Notice::Silent { publisher_id: 1, incarnation: 1, silent_ns: 1_000 }]);
+        assert_eq!(
+            out,
+            vec![Notice::Silent {
+                publisher_id: 1,
+                incarnation: 1,
+                silent_ns: 1_000
+            }]
+        );
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub enum Event<M> {
 }
 
 /// A subscriber's totals: transport, decoding and sequence tracking.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SubscriberStats {
     /// Messages received by the transport.
     pub received: u64,
@@ -95,7 +95,11 @@ impl SubscriberStats {
     /// All malformed input: bad framing, oversized, undecodable, wrong subject,
     /// bad payloads.
     pub fn malformed(&self) -> u64 {
-        self.bad_framing + self.oversized + self.decode_errors.values().sum::<u64>() + self.wrong_subject + self.payload_errors
+        self.bad_framing
+            + self.oversized
+            + self.decode_errors.values().sum::<u64>()
+            + self.wrong_subject
+            + self.payload_errors
     }
 }
 
@@ -129,7 +133,9 @@ pub struct RawSubscriber {
 
 impl std::fmt::Debug for RawSubscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawSubscriber").field("channel", &self.channel).finish()
+        f.debug_struct("RawSubscriber")
+            .field("channel", &self.channel)
+            .finish()
     }
 }
 
@@ -181,8 +187,10 @@ impl RawSubscriber {
 
     /// Reports publishers silent for `timeout_ns` as [`Notice::Silent`] events.
     pub fn check_silence(&mut self, timeout_ns: u64) {
-        self.tracker.poll_silence(unix_nanos(), timeout_ns, &mut self.notices);
-        self.pending.extend(self.notices.drain(..).map(Event::Notice));
+        self.tracker
+            .poll_silence(unix_nanos(), timeout_ns, &mut self.notices);
+        self.pending
+            .extend(self.notices.drain(..).map(Event::Notice));
     }
 
     /// The publisher's (incarnation, highest sequence) as tracked.
@@ -238,7 +246,8 @@ impl RawSubscriber {
         let header = env.header;
         let payload_range = offset_of(&frame, env.payload);
         let verdict = self.tracker.observe(&header, now, &mut self.notices);
-        self.pending.extend(self.notices.drain(..).map(Event::Notice));
+        self.pending
+            .extend(self.notices.drain(..).map(Event::Notice));
         if let Verdict::Deliver { late } = verdict {
             let meta = Meta {
                 publisher_id: header.publisher_id,
@@ -248,7 +257,10 @@ impl RawSubscriber {
                 received_ns: now,
                 late,
             };
-            self.pending.push_back(Event::Message(RawMessage { meta, payload: frame.slice(payload_range) }));
+            self.pending.push_back(Event::Message(RawMessage {
+                meta,
+                payload: frame.slice(payload_range),
+            }));
         }
     }
 
@@ -263,7 +275,12 @@ impl RawSubscriber {
         }
     }
 
-    fn payload_failed(&mut self, meta: &Meta, type_name: &'static str, e: &rmp_serde::decode::Error) {
+    fn payload_failed(
+        &mut self,
+        meta: &Meta,
+        type_name: &'static str,
+        e: &rmp_serde::decode::Error,
+    ) {
         self.payload_errors += 1;
         if self.log.first("payload") {
             tracing::warn!(
@@ -295,7 +312,10 @@ impl<T> std::fmt::Debug for Subscriber<T> {
 impl<T: DeserializeOwned> Subscriber<T> {
     /// Wraps a raw subscriber.
     pub fn new(raw: RawSubscriber) -> Self {
-        Self { raw, _type: PhantomData }
+        Self {
+            raw,
+            _type: PhantomData,
+        }
     }
 
     /// The next event; `None` once the transport has shut down.
@@ -321,9 +341,13 @@ impl<T: DeserializeOwned> Subscriber<T> {
     fn typed(&mut self, ev: Event<RawMessage>) -> Option<Event<Message<T>>> {
         Some(match ev {
             Event::Message(m) => match rmp_serde::from_slice::<T>(&m.payload) {
-                Ok(value) => Event::Message(Message { meta: m.meta, value }),
+                Ok(value) => Event::Message(Message {
+                    meta: m.meta,
+                    value,
+                }),
                 Err(e) => {
-                    self.raw.payload_failed(&m.meta, std::any::type_name::<T>(), &e);
+                    self.raw
+                        .payload_failed(&m.meta, std::any::type_name::<T>(), &e);
                     return None;
                 }
             },

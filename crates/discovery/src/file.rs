@@ -54,7 +54,11 @@ impl FileDiscovery {
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, DiscoveryError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        Ok(Self { dir: Arc::new(dir), host: hostname().into(), bad_logged: Arc::default() })
+        Ok(Self {
+            dir: Arc::new(dir),
+            host: hostname().into(),
+            bad_logged: Arc::default(),
+        })
     }
 
     /// The directory used when none is configured: `$XDG_RUNTIME_DIR/eventplane/discovery`
@@ -65,7 +69,9 @@ impl FileDiscovery {
             _ => {
                 // SAFETY: getuid has no preconditions and cannot fail.
                 let uid = unsafe { libc::getuid() };
-                std::env::temp_dir().join(format!("eventplane-{uid}")).join("discovery")
+                std::env::temp_dir()
+                    .join(format!("eventplane-{uid}"))
+                    .join("discovery")
             }
         }
     }
@@ -106,7 +112,12 @@ impl FileDiscovery {
             let entry: FileEntry = match serde_json::from_slice(&bytes) {
                 Ok(e) => e,
                 Err(e) => {
-                    if self.bad_logged.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned()) {
+                    if self
+                        .bad_logged
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_owned())
+                    {
                         tracing::warn!(path = %path.display(), error = %e, "unreadable discovery entry ignored");
                     }
                     continue;
@@ -115,14 +126,21 @@ impl FileDiscovery {
             if !entry.key.starts_with(prefix) {
                 continue;
             }
-            let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
             let owner_dead = entry.host == *self.host && !process_alive(entry.pid);
             if owner_dead || age > Duration::from_millis(entry.ttl_ms) {
                 tracing::debug!(key = %entry.key, pid = entry.pid, owner_dead, age_ms = age.as_millis() as u64, "expiring dead discovery entry");
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            out.push(Entry { key: entry.key, value: entry.value });
+            out.push(Entry {
+                key: entry.key,
+                value: entry.value,
+            });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -130,7 +148,11 @@ impl FileDiscovery {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> DiscoveryError {
-    DiscoveryError::Io { backend: "file", location: path.display().to_string(), source }
+    DiscoveryError::Io {
+        backend: "file",
+        location: path.display().to_string(),
+        source,
+    }
 }
 
 fn hostname() -> String {
@@ -146,7 +168,9 @@ fn hostname() -> String {
 }
 
 fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -154,7 +178,11 @@ fn process_alive(pid: u32) -> bool {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -210,11 +238,22 @@ impl Discovery for FileDiscovery {
         "file"
     }
 
-    async fn register(&self, key: &str, value: serde_json::Value, ttl: Duration) -> Result<Registration, DiscoveryError> {
+    async fn register(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+        ttl: Duration,
+    ) -> Result<Registration, DiscoveryError> {
         check_key(key)?;
         let ttl = ttl.max(Duration::from_millis(100));
         let path = self.path_of(key);
-        let entry = FileEntry { key: key.to_owned(), value, pid: std::process::id(), host: self.host.to_string(), ttl_ms: ttl.as_millis() as u64 };
+        let entry = FileEntry {
+            key: key.to_owned(),
+            value,
+            pid: std::process::id(),
+            host: self.host.to_string(),
+            ttl_ms: ttl.as_millis() as u64,
+        };
         let bytes = serde_json::to_vec_pretty(&entry).expect("a JSON value serializes");
         write_atomically(&path, &bytes).map_err(|e| io_err(&path, e))?;
         let (stop_tx, stop_rx) = std_mpsc::channel::<()>();
@@ -242,7 +281,14 @@ impl Discovery for FileDiscovery {
                 }
             })
             .map_err(|e| io_err(&path, e))?;
-        Ok(Registration::new(key.to_owned(), Box::new(FileLease { path, stop: Some(stop_tx), thread: Some(thread) })))
+        Ok(Registration::new(
+            key.to_owned(),
+            Box::new(FileLease {
+                path,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+        ))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError> {
@@ -262,7 +308,8 @@ impl Discovery for FileDiscovery {
         })
         .and_then(|mut w| {
             use notify::Watcher;
-            w.watch(&self.dir, notify::RecursiveMode::NonRecursive).map(|()| w)
+            w.watch(&self.dir, notify::RecursiveMode::NonRecursive)
+                .map(|()| w)
         });
         let watcher = match watcher {
             Ok(w) => Some(w),
@@ -290,7 +337,10 @@ impl Discovery for FileDiscovery {
                     }
                 }
             },
-            FileTrigger { events: rx, _watcher: watcher },
+            FileTrigger {
+                events: rx,
+                _watcher: watcher,
+            },
         ))
     }
 }

@@ -89,7 +89,10 @@ pub(crate) fn check_key(key: &str) -> Result<(), DiscoveryError> {
     } else {
         return Ok(());
     };
-    Err(DiscoveryError::InvalidKey { key: key.to_owned(), reason })
+    Err(DiscoveryError::InvalidKey {
+        key: key.to_owned(),
+        reason,
+    })
 }
 
 /// A discovery backend. See the crate docs.
@@ -102,7 +105,12 @@ pub trait Discovery: Send + Sync + fmt::Debug + 'static {
     /// returned [`Registration`] is dropped or withdrawn. If the owner dies
     /// without withdrawing, the entry expires within `ttl`. Registering a key
     /// that exists replaces its value.
-    async fn register(&self, key: &str, value: serde_json::Value, ttl: Duration) -> Result<Registration, DiscoveryError>;
+    async fn register(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+        ttl: Duration,
+    ) -> Result<Registration, DiscoveryError>;
 
     /// The live entries whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError>;
@@ -128,7 +136,10 @@ pub struct Registration {
 impl Registration {
     /// A registration of `key` held by `lease`. Backends call this.
     pub fn new(key: String, lease: Box<dyn Lease>) -> Self {
-        Self { key, lease: Some(lease) }
+        Self {
+            key,
+            lease: Some(lease),
+        }
     }
 
     /// The registered key.

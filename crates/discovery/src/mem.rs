@@ -25,7 +25,10 @@ pub struct MemDiscovery {
 
 impl Default for MemDiscovery {
     fn default() -> Self {
-        Self { state: Arc::default(), version: Arc::new(watch::channel(0).0) }
+        Self {
+            state: Arc::default(),
+            version: Arc::new(watch::channel(0).0),
+        }
     }
 }
 
@@ -44,7 +47,10 @@ impl MemDiscovery {
         st.entries
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, (_, v))| Entry { key: k.clone(), value: v.clone() })
+            .map(|(k, (_, v))| Entry {
+                key: k.clone(),
+                value: v.clone(),
+            })
             .collect()
     }
 }
@@ -60,7 +66,11 @@ impl Lease for MemLease {
     fn withdraw(&mut self) {
         let mut st = self.owner.state.lock().unwrap_or_else(|p| p.into_inner());
         // Only remove the entry if it is still ours (not re-registered since).
-        if st.entries.get(&self.key).is_some_and(|(l, _)| *l == self.lease) {
+        if st
+            .entries
+            .get(&self.key)
+            .is_some_and(|(l, _)| *l == self.lease)
+        {
             st.entries.remove(&self.key);
             drop(st);
             self.owner.bump();
@@ -81,7 +91,12 @@ impl Discovery for MemDiscovery {
         "mem"
     }
 
-    async fn register(&self, key: &str, value: serde_json::Value, _ttl: Duration) -> Result<Registration, DiscoveryError> {
+    async fn register(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+        _ttl: Duration,
+    ) -> Result<Registration, DiscoveryError> {
         check_key(key)?;
         let lease = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,7 +106,14 @@ impl Discovery for MemDiscovery {
             lease
         };
         self.bump();
-        Ok(Registration::new(key.to_owned(), Box::new(MemLease { owner: self.clone(), key: key.to_owned(), lease })))
+        Ok(Registration::new(
+            key.to_owned(),
+            Box::new(MemLease {
+                owner: self.clone(),
+                key: key.to_owned(),
+                lease,
+            }),
+        ))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError> {

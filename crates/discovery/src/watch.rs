@@ -42,15 +42,27 @@ impl Watch {
             let mut known: BTreeMap<String, serde_json::Value> = BTreeMap::new();
             loop {
                 if let Some(entries) = snapshot().await {
-                    let now: BTreeMap<String, serde_json::Value> = entries.into_iter().map(|e| (e.key, e.value)).collect();
+                    let now: BTreeMap<String, serde_json::Value> =
+                        entries.into_iter().map(|e| (e.key, e.value)).collect();
                     for (key, value) in &known {
-                        if now.get(key) != Some(value) && tx.send(WatchEvent::Removed { key: key.clone() }).await.is_err() {
+                        if now.get(key) != Some(value)
+                            && tx
+                                .send(WatchEvent::Removed { key: key.clone() })
+                                .await
+                                .is_err()
+                        {
                             return;
                         }
                     }
                     for (key, value) in &now {
                         if known.get(key) != Some(value)
-                            && tx.send(WatchEvent::Added(Entry { key: key.clone(), value: value.clone() })).await.is_err()
+                            && tx
+                                .send(WatchEvent::Added(Entry {
+                                    key: key.clone(),
+                                    value: value.clone(),
+                                }))
+                                .await
+                                .is_err()
                         {
                             return;
                         }

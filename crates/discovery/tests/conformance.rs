@@ -9,36 +9,75 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn next(w: &mut Watch) -> WatchEvent {
-    tokio::time::timeout(WAIT, w.next()).await.expect("watch event within 10 s").expect("watch open")
+    tokio::time::timeout(WAIT, w.next())
+        .await
+        .expect("watch event within 10 s")
+        .expect("watch open")
 }
 
 async fn scenario(d: &dyn Discovery) {
     let ttl = Duration::from_secs(5);
-    let a = d.register("svc/a", json!({"endpoint": "tcp://127.0.0.1:1"}), ttl).await.unwrap();
+    let a = d
+        .register("svc/a", json!({"endpoint": "tcp://127.0.0.1:1"}), ttl)
+        .await
+        .unwrap();
     let _other = d.register("other/x", json!(1), ttl).await.unwrap();
     let listed = d.list("svc/").await.unwrap();
-    assert_eq!(listed, vec![Entry { key: "svc/a".into(), value: json!({"endpoint": "tcp://127.0.0.1:1"}) }]);
+    assert_eq!(
+        listed,
+        vec![Entry {
+            key: "svc/a".into(),
+            value: json!({"endpoint": "tcp://127.0.0.1:1"})
+        }]
+    );
 
     let mut w = d.watch("svc/").await.unwrap();
     assert_eq!(next(&mut w).await, WatchEvent::Added(listed[0].clone()));
 
     let b = d.register("svc/b", json!("b"), ttl).await.unwrap();
-    assert_eq!(next(&mut w).await, WatchEvent::Added(Entry { key: "svc/b".into(), value: json!("b") }));
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Added(Entry {
+            key: "svc/b".into(),
+            value: json!("b")
+        })
+    );
 
     // Replacing a value shows as removed-then-added.
     let b2 = d.register("svc/b", json!("b2"), ttl).await.unwrap();
-    assert_eq!(next(&mut w).await, WatchEvent::Removed { key: "svc/b".into() });
-    assert_eq!(next(&mut w).await, WatchEvent::Added(Entry { key: "svc/b".into(), value: json!("b2") }));
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Removed {
+            key: "svc/b".into()
+        }
+    );
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Added(Entry {
+            key: "svc/b".into(),
+            value: json!("b2")
+        })
+    );
     drop(b); // the older registration must not remove the newer value (mem); file: same file, gone
     if d.name() == "mem" {
         b2.withdraw();
     } else {
         drop(b2);
     }
-    assert_eq!(next(&mut w).await, WatchEvent::Removed { key: "svc/b".into() });
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Removed {
+            key: "svc/b".into()
+        }
+    );
 
     a.withdraw();
-    assert_eq!(next(&mut w).await, WatchEvent::Removed { key: "svc/a".into() });
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Removed {
+            key: "svc/a".into()
+        }
+    );
     assert!(d.list("svc/").await.unwrap().is_empty());
     assert!(d.register("", json!(0), ttl).await.is_err());
 }
@@ -56,11 +95,17 @@ async fn file_conformance() {
 
 fn write_foreign_entry(dir: &std::path::Path, key: &str, pid: u32, ttl_ms: u64) {
     let body = json!({"key": key, "value": {"endpoint": "tcp://127.0.0.1:9"}, "pid": pid, "host": hostname(), "ttl_ms": ttl_ms});
-    std::fs::write(dir.join(format!("{}.json", key.replace('/', "%2F"))), body.to_string()).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.json", key.replace('/', "%2F"))),
+        body.to_string(),
+    )
+    .unwrap();
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -71,8 +116,14 @@ async fn file_entry_of_a_dead_process_expires_at_once() {
     let dead_pid = child.id();
     child.wait().unwrap();
     write_foreign_entry(dir.path(), "svc/dead", dead_pid, 60_000);
-    assert!(d.list("svc/").await.unwrap().is_empty(), "an entry whose owner is gone is not live");
-    assert!(!dir.path().join("svc%2Fdead.json").exists(), "and it is deleted");
+    assert!(
+        d.list("svc/").await.unwrap().is_empty(),
+        "an entry whose owner is gone is not live"
+    );
+    assert!(
+        !dir.path().join("svc%2Fdead.json").exists(),
+        "and it is deleted"
+    );
 }
 
 #[tokio::test]
@@ -84,20 +135,33 @@ async fn file_entry_without_keepalive_expires_after_its_ttl() {
     write_foreign_entry(dir.path(), "svc/stale", std::process::id(), 300);
     let t0 = std::time::Instant::now();
     assert!(matches!(next(&mut w).await, WatchEvent::Added(e) if e.key == "svc/stale"));
-    assert_eq!(next(&mut w).await, WatchEvent::Removed { key: "svc/stale".into() });
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Removed {
+            key: "svc/stale".into()
+        }
+    );
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(300), "expired early, after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "expired early, after {waited:?}"
+    );
 }
 
 #[tokio::test]
 async fn file_lease_is_kept_alive_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let d = FileDiscovery::new(dir.path()).unwrap();
-    let reg = d.register("svc/live", json!(1), Duration::from_millis(300)).await.unwrap();
+    let reg = d
+        .register("svc/live", json!(1), Duration::from_millis(300))
+        .await
+        .unwrap();
     let mut w = d.watch("svc/").await.unwrap();
     assert!(matches!(next(&mut w).await, WatchEvent::Added(_)));
     // Five TTLs pass with no change: the keepalive holds the entry.
-    assert!(tokio::time::timeout(Duration::from_millis(1500), w.next()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(1500), w.next())
+        .await
+        .is_err());
     // Someone deletes the file: the owner puts it back within a refresh period.
     let path = dir.path().join("svc%2Flive.json");
     std::fs::remove_file(&path).unwrap();
@@ -110,7 +174,12 @@ async fn file_lease_is_kept_alive_and_repaired() {
     drop(reg);
     // A watcher may or may not have seen the brief hole; either way it ends removed.
     loop {
-        if next(&mut w).await == (WatchEvent::Removed { key: "svc/live".into() }) && d.list("svc/").await.unwrap().is_empty() {
+        if next(&mut w).await
+            == (WatchEvent::Removed {
+                key: "svc/live".into(),
+            })
+            && d.list("svc/").await.unwrap().is_empty()
+        {
             break;
         }
     }
@@ -122,6 +191,9 @@ async fn garbage_files_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("junk.json"), b"{not json").unwrap();
     let d = FileDiscovery::new(dir.path()).unwrap();
-    let _r = d.register("svc/ok", json!(1), Duration::from_secs(5)).await.unwrap();
+    let _r = d
+        .register("svc/ok", json!(1), Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(d.list("").await.unwrap().len(), 1);
 }

@@ -1,0 +1,240 @@
+//! Every flag of every subcommand, defined once: parsing, `--help` and
+//! validation all come from these definitions. Flags that have an environment
+//! variable say so in `--help`; a flag given on the command line wins over
+//! the variable.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventplane::{Config, DiscoveryKind, Scope, TransportKind};
+use std::path::PathBuf;
+
+/// eventplane: the event plane for distributed LLM serving. Workers publish
+/// KV-cache events, load metrics and active sequences; routers subscribe.
+#[derive(Debug, Parser)]
+#[command(name = "eventplane", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level for messages on stderr (error, warn, info, debug, trace), or a
+    /// tracing filter; EVENTPLANE_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the live messages of a channel as JSON lines, with sequence
+    /// notices (gaps, restarts) and publishers coming and going.
+    Tail(TailArgs),
+    /// Publish a JSON value (or one per line of stdin) on a channel.
+    Publish(PublishArgs),
+    /// Measure the transports.
+    Bench(BenchArgs),
+    /// Internal: the remote half of a two-process benchmark.
+    #[command(hide = true)]
+    BenchPeer(BenchPeerArgs),
+    /// Run publishers and a subscriber on this machine, with nothing to
+    /// install, and report what the subscriber saw.
+    Demo(DemoArgs),
+}
+
+/// Where the event plane is: transport and discovery.
+#[derive(Debug, Clone, Args)]
+pub struct PlaneArgs {
+    /// Transport: zmq (peer to peer, the default for now) or nats (not yet available).
+    #[arg(long, env = "DYN_EVENT_PLANE", value_parser = |s: &str| s.parse::<TransportKind>())]
+    pub event_plane: Option<TransportKind>,
+
+    /// Discovery backend: file (one machine, the default), mem (one process) or etcd (not yet available).
+    #[arg(long, env = "DYN_DISCOVERY_BACKEND", value_parser = |s: &str| s.parse::<DiscoveryKind>())]
+    pub discovery: Option<DiscoveryKind>,
+
+    /// Directory of the file discovery backend [default: $XDG_RUNTIME_DIR/eventplane/discovery,
+    /// else <tmp>/eventplane-<uid>/discovery].
+    #[arg(long, env = "DYN_DISCOVERY_DIR")]
+    pub discovery_dir: Option<PathBuf>,
+
+    /// Address that ZMQ publishers bind and advertise [default: 127.0.0.1].
+    #[arg(long, env = "DYN_EVENT_PLANE_HOST")]
+    pub host: Option<String>,
+}
+
+impl PlaneArgs {
+    /// The configuration: defaults, then environment, then these flags.
+    pub fn config(&self) -> Result<Config, eventplane::ConfigError> {
+        let mut c = Config::from_env()?;
+        if let Some(t) = self.event_plane {
+            c.transport = t;
+        }
+        if let Some(d) = self.discovery {
+            c.discovery = d;
+        }
+        if let Some(dir) = &self.discovery_dir {
+            c.discovery_dir = Some(dir.clone());
+        }
+        if let Some(h) = &self.host {
+            c.host = h.clone();
+        }
+        Ok(c)
+    }
+}
+
+/// Which channel.
+#[derive(Debug, Clone, Args)]
+pub struct ChannelArgs {
+    /// Namespace.
+    #[arg(long, short = 'n', default_value = "dynamo")]
+    pub namespace: String,
+    /// Component within the namespace.
+    #[arg(long, short = 'c')]
+    pub component: String,
+    /// Endpoint within the component (optional).
+    #[arg(long, short = 'e')]
+    pub endpoint: Option<String>,
+    /// Topic, e.g. kv-events, kv-metrics, active-sequences.
+    #[arg(long, short = 't')]
+    pub topic: String,
+}
+
+impl ChannelArgs {
+    pub fn channel(&self) -> Result<eventplane::Channel, eventplane_core::NameError> {
+        let mut scope = Scope::new(&self.namespace, &self.component)?;
+        if let Some(ep) = &self.endpoint {
+            scope = scope.with_endpoint(ep)?;
+        }
+        scope.channel(&self.topic)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub plane: PlaneArgs,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
+    /// Do not print message payloads, only their envelope fields.
+    #[arg(long)]
+    pub no_values: bool,
+    /// Do not print messages at all (notices, discovery changes and the final
+    /// summary still print).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Report a publisher as silent after this many milliseconds without a
+    /// message or heartbeat.
+    #[arg(long, default_value_t = 5000)]
+    pub silence_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub plane: PlaneArgs,
+    #[command(flatten)]
+    pub channel: ChannelArgs,
+    /// The JSON value to publish (sent as MessagePack).
+    #[arg(long, default_value = "null", conflicts_with = "stdin")]
+    pub value: String,
+    /// Publish one JSON value per line of stdin instead.
+    #[arg(long)]
+    pub stdin: bool,
+    /// How many times to publish the value.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Messages per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Publisher id: keep it stable across restarts so subscribers recognise
+    /// a restart as a new incarnation [default: random].
+    #[arg(long)]
+    pub publisher_id: Option<u64>,
+    /// Before publishing, wait until this many subscribers have joined.
+    #[arg(long, default_value_t = 0)]
+    pub wait_subscribers: u64,
+    /// Give up waiting for subscribers after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    pub wait_timeout_s: u64,
+    /// After publishing, stay registered (heartbeating) until interrupted.
+    #[arg(long)]
+    pub hold: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTarget {
+    /// Publisher → subscriber: sustained throughput, loss past it, latency.
+    Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTransport {
+    /// eventplane over ZMQ, subscriber in this process.
+    Zmq,
+    /// eventplane's in-process transport.
+    Mem,
+    /// Raw libzmq PUB/SUB, the baseline.
+    RawZmq,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub target: BenchTarget,
+    /// Payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100,4096")]
+    pub sizes: Vec<usize>,
+    /// Transports to measure (raw-zmq is the baseline the ratios use).
+    #[arg(long, value_delimiter = ',', default_value = "mem,zmq,raw-zmq")]
+    pub transports: Vec<BenchTransport>,
+    /// Also run publishers in a second process (zmq and raw-zmq).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub two_process: bool,
+    /// Seconds per throughput trial.
+    #[arg(long, default_value_t = 1.0)]
+    pub trial_s: f64,
+    /// Offered rate of the latency run, messages per second.
+    #[arg(long, default_value_t = 50_000)]
+    pub latency_rate: u64,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 3.0)]
+    pub latency_s: f64,
+    /// Print the results as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchPeerArgs {
+    /// Which publisher to run: zmq or raw-zmq.
+    #[arg(long, value_enum)]
+    pub transport: BenchTransport,
+    /// Endpoint (raw-zmq) to bind, or discovery directory (zmq).
+    #[arg(long)]
+    pub target: String,
+    /// Payload size.
+    #[arg(long)]
+    pub size: usize,
+    /// Messages to send.
+    #[arg(long)]
+    pub count: u64,
+    /// Messages per second (0: unpaced).
+    #[arg(long)]
+    pub rate: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub plane: PlaneArgs,
+    /// Number of publishers (workers).
+    #[arg(long, default_value_t = 3)]
+    pub publishers: u64,
+    /// Messages per second per publisher.
+    #[arg(long, default_value_t = 20_000.0)]
+    pub rate: f64,
+    /// Seconds each phase lasts.
+    #[arg(long, default_value_t = 1.0)]
+    pub phase_s: f64,
+}

@@ -1,0 +1,266 @@
+//! Configuration of an event plane: defaults, then environment variables,
+//! then (in the CLI) flags. Every variable is listed in [`ENV_VARS`] and in
+//! the README.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use eventplane_core::QueueLimits;
+
+/// Every environment variable eventplane reads, with what it does.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    (
+        "DYN_EVENT_PLANE",
+        "transport: `zmq` (default for now) or `nats` (not yet available)",
+    ),
+    (
+        "DYN_DISCOVERY_BACKEND",
+        "discovery: `file` (default), `mem` (in-process only) or `etcd` (not yet available)",
+    ),
+    (
+        "DYN_DISCOVERY_DIR",
+        "directory of the `file` discovery backend",
+    ),
+    (
+        "DYN_EVENT_PLANE_HOST",
+        "address ZMQ publishers bind and advertise (default 127.0.0.1)",
+    ),
+    (
+        "DYN_EVENT_PLANE_HWM",
+        "ZMQ send and receive high-water marks, in messages",
+    ),
+    (
+        "DYN_EVENT_PLANE_HEARTBEAT_MS",
+        "heartbeat interval of idle publishers, in milliseconds",
+    ),
+    (
+        "DYN_EVENT_PLANE_LEASE_TTL_MS",
+        "discovery lease TTL of publishers, in milliseconds",
+    ),
+    (
+        "DYN_EVENT_PLANE_MAX_MESSAGE_BYTES",
+        "largest envelope sent or accepted, in bytes",
+    ),
+    (
+        "DYN_EVENT_PLANE_QUEUE_BYTES",
+        "bound of each subscriber's queue, in bytes",
+    ),
+];
+
+/// A configuration value that is not one of the accepted ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: expected {expected}")]
+pub struct ConfigError {
+    /// The setting (with the variable or flag that sets it).
+    pub what: String,
+    /// The value given.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: String,
+}
+
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident, $what:literal { $($(#[$vm:meta])* $var:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $var),+ }
+
+        impl $name {
+            /// Every accepted value.
+            pub const VALUES: &'static [&'static str] = &[$($s),+];
+
+            /// The value's name.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$var => $s),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ConfigError;
+            fn from_str(s: &str) -> Result<Self, ConfigError> {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    $($s => Ok($name::$var),)+
+                    _ => Err(ConfigError { what: $what.into(), value: s.into(), expected: format!("one of: {}", Self::VALUES.join(", ")) }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+choice!(
+    /// Which transport carries events.
+    TransportKind, "event plane (DYN_EVENT_PLANE / --event-plane)" {
+        /// Peer to peer over ZMQ; publishers found through discovery.
+        Zmq => "zmq",
+        /// Through a NATS server (lands with the NATS issue).
+        Nats => "nats",
+    }
+);
+
+choice!(
+    /// Which discovery backend finds publishers.
+    DiscoveryKind, "discovery backend (DYN_DISCOVERY_BACKEND / --discovery)" {
+        /// A directory shared by the processes of one machine.
+        File => "file",
+        /// In this process only.
+        Mem => "mem",
+        /// An etcd cluster (lands with the etcd issue).
+        Etcd => "etcd",
+    }
+);
+
+/// Everything needed to build an event plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The transport.
+    pub transport: TransportKind,
+    /// The discovery backend.
+    pub discovery: DiscoveryKind,
+    /// Directory of the file backend (`None`: [`eventplane_discovery::FileDiscovery::default_dir`]).
+    pub discovery_dir: Option<PathBuf>,
+    /// Address ZMQ publishers bind and advertise.
+    pub host: String,
+    /// ZMQ high-water marks, in messages.
+    pub hwm: i32,
+    /// Heartbeat interval of idle publishers.
+    pub heartbeat_interval: Duration,
+    /// Discovery lease TTL of publishers.
+    pub lease_ttl: Duration,
+    /// Largest envelope sent or accepted.
+    pub max_message_bytes: usize,
+    /// Bounds of each subscriber's queue.
+    pub queue: QueueLimits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::Zmq,
+            discovery: DiscoveryKind::File,
+            discovery_dir: None,
+            host: "127.0.0.1".into(),
+            hwm: eventplane_zmq::DEFAULT_HWM,
+            heartbeat_interval: Duration::from_secs(1),
+            lease_ttl: eventplane_discovery::DEFAULT_TTL,
+            max_message_bytes: eventplane_core::DEFAULT_MAX_MESSAGE_BYTES,
+            queue: QueueLimits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults overridden by the environment variables of [`ENV_VARS`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Defaults overridden by whatever `lookup` returns for each variable
+    /// (testable without touching the process environment).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Config::default();
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("DYN_EVENT_PLANE") {
+            c.transport = v.parse()?;
+        }
+        if let Some(v) = get("DYN_DISCOVERY_BACKEND") {
+            c.discovery = v.parse()?;
+        }
+        if let Some(v) = get("DYN_DISCOVERY_DIR") {
+            c.discovery_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_HOST") {
+            c.host = v.trim().to_owned();
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_HWM") {
+            c.hwm = number("DYN_EVENT_PLANE_HWM", &v, 1..=i32::MAX as u64)? as i32;
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_HEARTBEAT_MS") {
+            c.heartbeat_interval =
+                Duration::from_millis(number("DYN_EVENT_PLANE_HEARTBEAT_MS", &v, 10..=3_600_000)?);
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_LEASE_TTL_MS") {
+            c.lease_ttl =
+                Duration::from_millis(number("DYN_EVENT_PLANE_LEASE_TTL_MS", &v, 100..=3_600_000)?);
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_MAX_MESSAGE_BYTES") {
+            c.max_message_bytes =
+                number("DYN_EVENT_PLANE_MAX_MESSAGE_BYTES", &v, 64..=1 << 30)? as usize;
+        }
+        if let Some(v) = get("DYN_EVENT_PLANE_QUEUE_BYTES") {
+            c.queue.max_bytes = number("DYN_EVENT_PLANE_QUEUE_BYTES", &v, 1024..=1 << 40)? as usize;
+        }
+        Ok(c)
+    }
+}
+
+fn number(
+    var: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    value
+        .trim()
+        .replace('_', "")
+        .parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| ConfigError {
+            what: var.into(),
+            value: value.into(),
+            expected: format!("a whole number from {} to {}", range.start(), range.end()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_setup() {
+        let c = from(&[]).unwrap();
+        assert_eq!(
+            (c.transport, c.discovery),
+            (TransportKind::Zmq, DiscoveryKind::File)
+        );
+    }
+
+    #[test]
+    fn invalid_values_list_the_valid_ones() {
+        let e = from(&[("DYN_EVENT_PLANE", "kafka")]).unwrap_err();
+        assert_eq!(e.expected, "one of: zmq, nats");
+        assert!(e.to_string().contains("DYN_EVENT_PLANE"), "{e}");
+        let e = from(&[("DYN_DISCOVERY_BACKEND", "consul")]).unwrap_err();
+        assert_eq!(e.expected, "one of: file, mem, etcd");
+        let e = from(&[("DYN_EVENT_PLANE_HWM", "-3")]).unwrap_err();
+        assert!(e.expected.starts_with("a whole number"));
+    }
+
+    #[test]
+    fn variables_override_defaults() {
+        let c = from(&[
+            ("DYN_EVENT_PLANE", " ZMQ "),
+            ("DYN_DISCOVERY_BACKEND", "mem"),
+            ("DYN_EVENT_PLANE_HWM", "10_000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.transport, c.discovery, c.hwm),
+            (TransportKind::Zmq, DiscoveryKind::Mem, 10_000)
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The ZMQ transport in one process, over in-process discovery: joining
+//! without sleeping, delivery without gaps, following publishers as they come
+//! and go, and surviving garbage from a foreign peer.
+
+use eventplane_core::{Event, Identity, Notice, PublisherChange, RawSubscriber, Scope};
+use eventplane_discovery::{Discovery, MemDiscovery};
+use eventplane_zmq::{discovery_prefix, publish_on, subscribe_to, Advertisement, ZmqOptions};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next(sub: &mut RawSubscriber) -> Event<eventplane_core::RawMessage> {
+    tokio::time::timeout(WAIT, sub.recv())
+        .await
+        .expect("event within 10 s")
+        .expect("subscriber open")
+}
+
+/// Skips events until `pred` matches one.
+async fn until(
+    sub: &mut RawSubscriber,
+    mut pred: impl FnMut(&Event<eventplane_core::RawMessage>) -> bool,
+) {
+    loop {
+        if pred(&next(sub).await) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_delivers_and_follows_discovery() {
+    let ctx = zmq::Context::new();
+    let discovery: Arc<dyn Discovery> = Arc::new(MemDiscovery::new());
+    let opts = ZmqOptions::default();
+    let ch = Scope::new("ns", "comp").unwrap().channel("events").unwrap();
+
+    let mut sub = subscribe_to(&ctx, &discovery, &ch, &opts).await.unwrap();
+    let p = publish_on(&ctx, &*discovery, &ch, Identity::new(11), &opts)
+        .await
+        .unwrap();
+    until(&mut sub, |e| {
+        matches!(
+            e,
+            Event::Discovery(PublisherChange::Added {
+                publisher_id: Some(11),
+                ..
+            })
+        )
+    })
+    .await;
+    // The welcome heartbeat tells the subscriber it is connected: no sleep.
+    until(&mut sub, |e| {
+        matches!(
+            e,
+            Event::Notice(Notice::Joined {
+                publisher_id: 11,
+                seq: 0,
+                ..
+            })
+        )
+    })
+    .await;
+    assert!(p.wait_for_subscriptions(1).await);
+
+    let n = 20_000u64;
+    for i in 0..n {
+        p.publish_bytes(&i.to_le_bytes()).unwrap();
+    }
+    let mut expect = 1;
+    while expect <= n {
+        match next(&mut sub).await {
+            Event::Message(m) => {
+                assert_eq!(m.meta.seq, expect);
+                assert_eq!(m.payload[..], (expect - 1).to_le_bytes());
+                expect += 1;
+            }
+            Event::Notice(n) => panic!("unexpected notice {n:?}"),
+            Event::Discovery(_) => {}
+        }
+    }
+    assert_eq!(sub.stats().sequence.lost, 0);
+
+    // A restart of the same publisher id: a new incarnation, recognised.
+    drop(p);
+    until(&mut sub, |e| {
+        matches!(
+            e,
+            Event::Discovery(PublisherChange::Removed {
+                publisher_id: Some(11),
+                ..
+            })
+        )
+    })
+    .await;
+    let p2 = publish_on(&ctx, &*discovery, &ch, Identity::new(11), &opts)
+        .await
+        .unwrap();
+    until(&mut sub, |e| matches!(e, Event::Notice(Notice::Restarted { publisher_id: 11, last_seq, .. }) if *last_seq == n)).await;
+    p2.publish_bytes(b"after restart").unwrap();
+    until(
+        &mut sub,
+        |e| matches!(e, Event::Message(m) if m.meta.seq == 1 && &m.payload[..] == b"after restart"),
+    )
+    .await;
+    assert_eq!(sub.stats().sequence.restarts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
+    let ctx = zmq::Context::new();
+    let discovery: Arc<dyn Discovery> = Arc::new(MemDiscovery::new());
+    let opts = ZmqOptions {
+        max_message_bytes: 4096,
+        ..ZmqOptions::default()
+    };
+    let ch = Scope::new("ns", "comp").unwrap().channel("events").unwrap();
+    let mut sub = subscribe_to(&ctx, &discovery, &ch, &opts).await.unwrap();
+
+    // A raw PUB socket, registered like a publisher, that sends junk.
+    let rogue = ctx.socket(zmq::XPUB).unwrap();
+    rogue.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = rogue.get_last_endpoint().unwrap().unwrap();
+    let ad = Advertisement {
+        endpoint,
+        publisher_id: 666,
+        incarnation: 1,
+        subject: ch.subject().into(),
+        pid: 0,
+    };
+    let _reg = discovery
+        .register(
+            &format!("{}rogue", discovery_prefix(&ch)),
+            serde_json::to_value(&ad).unwrap(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let good = publish_on(&ctx, &*discovery, &ch, Identity::new(1), &opts)
+        .await
+        .unwrap();
+    until(&mut sub, |e| {
+        matches!(
+            e,
+            Event::Notice(Notice::Joined {
+                publisher_id: 1,
+                ..
+            })
+        )
+    })
+    .await;
+    // Wait for the rogue's subscription too, so its junk is not dropped unsent.
+    let sub_msg = rogue.recv_bytes(0).unwrap();
+    assert_eq!(sub_msg[0], 1);
+
+    let subject = ch.subject().as_bytes();
+    let mut valid = Vec::new();
+    eventplane_core::envelope::encode(
+        &eventplane_core::Header {
+            kind: eventplane_core::Kind::Data,
+            publisher_id: 666,
+            incarnation: 1,
+            seq: 1,
+            timestamp_ns: 0,
+        },
+        ch.subject(),
+        b"x",
+        &mut valid,
+    );
+    rogue.send(subject, 0).unwrap(); // one frame only
+    rogue
+        .send_multipart([subject, b"not msgpack".as_slice()], 0)
+        .unwrap();
+    rogue
+        .send_multipart([subject, &valid[..valid.len() - 3]], 0)
+        .unwrap(); // truncated
+    rogue.send_multipart([subject, &[0x98, 7]], 0).unwrap(); // unknown version
+    rogue
+        .send_multipart([subject, &vec![0u8; 10_000][..]], 0)
+        .unwrap(); // oversized
+    rogue
+        .send_multipart([subject, b"a".as_slice(), b"b".as_slice()], 0)
+        .unwrap(); // three frames
+    let mut other = Vec::new();
+    eventplane_core::envelope::encode(
+        &eventplane_core::Header {
+            kind: eventplane_core::Kind::Data,
+            publisher_id: 666,
+            incarnation: 1,
+            seq: 1,
+            timestamp_ns: 0,
+        },
+        "ep.other.subject.x",
+        b"x",
+        &mut other,
+    );
+    rogue.send_multipart([subject, &other[..]], 0).unwrap(); // wrong subject inside
+    rogue.send_multipart([subject, &valid[..]], 0).unwrap(); // well formed: delivered
+
+    good.publish_bytes(b"still fine").unwrap();
+    let mut got_rogue_valid = false;
+    let mut got_good = false;
+    while !(got_rogue_valid && got_good) {
+        if let Event::Message(m) = next(&mut sub).await {
+            got_rogue_valid |= m.meta.publisher_id == 666;
+            got_good |= &m.payload[..] == b"still fine";
+        }
+    }
+    let st = sub.stats();
+    assert_eq!(st.bad_framing, 2, "{st:?}");
+    assert_eq!(st.oversized, 1, "{st:?}");
+    assert_eq!(st.decode_errors.values().sum::<u64>(), 3, "{st:?}");
+    assert_eq!(st.wrong_subject, 1, "{st:?}");
+    assert_eq!(st.malformed(), 7);
+}
