@@ -1,0 +1,122 @@
+//! Helpers for tests that run the real `eventplane` binary: a child process
+//! whose stdout JSON lines arrive on a channel, killed when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long any one expected line may take.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A running `eventplane` process.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Proc {
+    /// Starts `eventplane ARGS` with the file discovery backend in `dir`.
+    pub fn start(name: &str, dir: &Path, args: &[&str]) -> Proc {
+        Self::start_with_env(name, dir, args, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_eventplane"));
+        cmd.args(args)
+            .env("DYN_DISCOVERY_BACKEND", "file")
+            .env("DYN_DISCOVERY_DIR", dir)
+            .env("DYN_EVENT_PLANE", "zmq")
+            .env("EVENTPLANE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start eventplane");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => panic!("{tag}: stdout line is not JSON ({e}): {line}"),
+                }
+            }
+        });
+        Proc {
+            name: name.to_owned(),
+            child,
+            lines,
+        }
+    }
+
+    /// The next stdout line, waiting at most [`WAIT`].
+    pub fn next_line(&self) -> serde_json::Value {
+        self.lines
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("{}: no output line within {WAIT:?}: {e}", self.name))
+    }
+
+    /// Reads lines until one matches `pred`; returns it. Lines skipped on the
+    /// way are passed to `seen`.
+    pub fn until(
+        &self,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+        mut seen: impl FnMut(&serde_json::Value),
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|e| {
+                panic!("{}: expected line not seen within {WAIT:?}: {e}", self.name)
+            });
+            if pred(&line) {
+                return line;
+            }
+            seen(&line);
+        }
+    }
+
+    /// Reads the next line of the given `type`, skipping others.
+    pub fn until_type(&self, ty: &str) -> serde_json::Value {
+        self.until(|l| l["type"] == ty, |_| {})
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: sending a signal to our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Waits for the process to exit; panics if it takes longer than [`WAIT`].
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
