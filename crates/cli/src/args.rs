@@ -213,6 +213,9 @@ pub struct BenchPeerArgs {
     /// Endpoint (raw-zmq) to bind, or discovery directory (zmq).
     #[arg(long)]
     pub target: String,
+    /// Topic of the bench channel (zmq).
+    #[arg(long, default_value = "t")]
+    pub topic: String,
     /// Payload size.
     #[arg(long)]
     pub size: usize,

@@ -1,8 +1,476 @@
-//! `eventplane bench`: placeholder.
-use crate::args::{BenchArgs, BenchPeerArgs};
-pub async fn run(_a: BenchArgs) -> anyhow::Result<()> {
+//! `eventplane bench transport`: what a subscriber gets from a publisher.
+//!
+//! For every payload size and transport (eventplane over ZMQ, eventplane's
+//! in-process transport, and raw libzmq PUB/SUB as the baseline), in one
+//! process and, for the socket transports, across two:
+//!
+//! 1. **Sustained throughput**: the highest offered rate at which the
+//!    subscriber receives every message. Found by bisection between 0 and
+//!    the publisher's unpaced rate, with trials of `--trial-s` seconds.
+//! 2. **Past it**: an unpaced trial, where the publisher outruns the
+//!    subscriber. For eventplane, every lost message must be reported by
+//!    sequence tracking (`unreported` must be 0); raw libzmq loses silently,
+//!    and we only know how many because the bench numbers its payloads.
+//! 3. **Latency** at a fixed offered rate (`--latency-rate`, default 50,000
+//!    msg/s): publish → receive, p50 / p99 / p99.9, from the publisher's
+//!    timestamp to the moment the application gets the message.
+//!
+//! Raw libzmq uses the same high-water marks, payload sizes and pacing, one
+//! frame per message carrying only the bench's counter and timestamp.
+
+use anyhow::{bail, Context};
+use eventplane::{Config, DiscoveryKind, Event, EventPlane, Identity, Scope, TransportKind};
+use eventplane_core::envelope::unix_nanos;
+use eventplane_discovery::{Discovery, FileDiscovery, MemDiscovery};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::args::{BenchArgs, BenchPeerArgs, BenchTransport};
+use crate::pace::Pacer;
+
+/// How long the subscriber waits with nothing arriving before it decides the
+/// rest of a trial is lost.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// What one trial asks for.
+#[derive(Debug, Clone, Copy)]
+struct Spec {
+    size: usize,
+    count: u64,
+    rate: f64,
+}
+
+/// What one trial saw.
+#[derive(Debug)]
+struct Trial {
+    sent: u64,
+    send_s: f64,
+    received: u64,
+    /// Loss reported by sequence tracking (None: the transport cannot tell).
+    reported_lost: Option<u64>,
+    latency_ns: Histogram<u64>,
+}
+
+impl Trial {
+    fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    OneProcess,
+    TwoProcess,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+fn name(t: BenchTransport) -> &'static str {
+    match t {
+        BenchTransport::Zmq => "eventplane-zmq",
+        BenchTransport::Mem => "eventplane-mem",
+        BenchTransport::RawZmq => "raw-libzmq",
+    }
+}
+
+/// A payload of `size` bytes starting with the bench counter and timestamp.
+fn raw_payload(size: usize, k: u64) -> Vec<u8> {
+    let mut p = vec![0u8; size.max(16)];
+    p[..8].copy_from_slice(&k.to_le_bytes());
+    p[8..16].copy_from_slice(&unix_nanos().to_le_bytes());
+    p
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let hwm = Config::from_env()?.hwm;
+    let mut rows = Vec::new();
+    for &size in &a.sizes {
+        for &t in &a.transports {
+            let modes: &[Mode] = match (t, a.two_process) {
+                (BenchTransport::Mem, _) | (_, false) => &[Mode::OneProcess],
+                _ => &[Mode::OneProcess, Mode::TwoProcess],
+            };
+            for &mode in modes {
+                let mut rig = Rig { transport: t, mode, hwm, seq: 0 };
+                let row = measure(&mut rig, size, &a).await.with_context(|| format!("{} {mode:?} {size} B", name(t)))?;
+                eprintln!("{}", row);
+                rows.push(row);
+            }
+        }
+    }
+    // Ratios against raw libzmq with the same size and process layout.
+    for i in 0..rows.len() {
+        let base = rows.iter().find(|r| r["transport"] == "raw-libzmq" && r["size"] == rows[i]["size"] && r["processes"] == rows[i]["processes"]);
+        if let Some(base) = base.cloned() {
+            let row = rows[i].clone();
+            let ratio = |k: &str| match (row[k].as_f64(), base[k].as_f64()) {
+                (Some(x), Some(b)) if b > 0.0 => json!((x / b * 100.0).round() / 100.0),
+                _ => serde_json::Value::Null,
+            };
+            rows[i]["throughput_vs_raw"] = ratio("sustained_msg_s");
+            rows[i]["p99_vs_raw"] = ratio("p99_us");
+        }
+    }
+    if a.json {
+        for r in &rows {
+            println!("{r}");
+        }
+    } else {
+        print_table(&rows, &a);
+    }
     Ok(())
 }
-pub async fn peer(_a: BenchPeerArgs) -> anyhow::Result<()> {
+
+fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
+    println!("transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}", a.trial_s, a.latency_rate, a.latency_s, rows.first().map(|r| r["hwm"].clone()).unwrap_or_default());
+    println!(
+        "| transport | procs | size B | sustained msg/s | vs raw | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let f = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::Number(n) => n.as_f64().map(|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.2}") }).unwrap_or_default(),
+        other => other.to_string().trim_matches('"').to_owned(),
+    };
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f(&r["transport"]), f(&r["processes"]), f(&r["size"]), f(&r["sustained_msg_s"]), f(&r["throughput_vs_raw"]),
+            f(&r["unpaced"]["offered_msg_s"]), f(&r["unpaced"]["received"]), f(&r["unpaced"]["lost"]), f(&r["unpaced"]["reported_lost"]),
+            f(&r["unpaced"]["unreported"]), f(&r["p50_us"]), f(&r["p99_us"]), f(&r["p99_9_us"]), f(&r["p99_vs_raw"]),
+        );
+    }
+}
+
+async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    // Unpaced: the publisher's top speed, and what happens past the
+    // subscriber's capacity.
+    let probe = rig.trial(Spec { size, count: 200_000, rate: 0.0 }).await?;
+    let top = (probe.sent as f64 / probe.send_s.max(1e-9)).max(1_000.0);
+    let count = ((top * a.trial_s) as u64).clamp(10_000, 5_000_000);
+    let unpaced = rig.trial(Spec { size, count, rate: 0.0 }).await?;
+    let offered = unpaced.sent as f64 / unpaced.send_s.max(1e-9);
+    let reported = unpaced.reported_lost;
+    let past = json!({
+        "offered_msg_s": offered.round(),
+        "sent": unpaced.sent,
+        "received": unpaced.received,
+        "lost": unpaced.lost(),
+        "reported_lost": reported,
+        "unreported": reported.map(|r| unpaced.lost().saturating_sub(r)),
+    });
+
+    // Bisection for the highest rate with no loss.
+    let (mut lo, mut hi) = (0.0f64, offered);
+    if unpaced.lost() == 0 {
+        lo = offered;
+    } else {
+        for _ in 0..7 {
+            let rate = if lo == 0.0 { hi / 2.0 } else { (lo + hi) / 2.0 };
+            let t = rig.trial(Spec { size, count: ((rate * a.trial_s) as u64).max(1_000), rate }).await?;
+            let achieved = t.sent as f64 / t.send_s.max(1e-9);
+            if t.lost() == 0 && achieved >= rate * 0.97 {
+                lo = rate;
+            } else {
+                hi = rate;
+            }
+        }
+    }
+
+    let lat = rig.trial(Spec { size, count: (a.latency_rate as f64 * a.latency_s) as u64, rate: a.latency_rate as f64 }).await?;
+    let q = |p: f64| (lat.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
+    Ok(json!({
+        "transport": name(rig.transport),
+        "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
+        "size": size,
+        "hwm": rig.hwm,
+        "sustained_msg_s": lo.round(),
+        "unpaced": past,
+        "latency_rate": a.latency_rate,
+        "latency_lost": lat.lost(),
+        "p50_us": q(0.5),
+        "p99_us": q(0.99),
+        "p99_9_us": q(0.999),
+    }))
+}
+
+struct Rig {
+    transport: BenchTransport,
+    mode: Mode,
+    hwm: i32,
+    seq: u64,
+}
+
+impl Rig {
+    async fn trial(&mut self, spec: Spec) -> anyhow::Result<Trial> {
+        self.seq += 1;
+        match (self.transport, self.mode) {
+            (BenchTransport::RawZmq, mode) => {
+                let hwm = self.hwm;
+                tokio::task::spawn_blocking(move || raw_trial(spec, mode, hwm)).await?
+            }
+            (t, mode) => self.plane_trial(t, mode, spec).await,
+        }
+    }
+
+    async fn plane_trial(&self, t: BenchTransport, mode: Mode, spec: Spec) -> anyhow::Result<Trial> {
+        let channel = Scope::new("bench", "transport")?.channel(format!("t{}", self.seq))?;
+        let config = Config { transport: TransportKind::Zmq, discovery: DiscoveryKind::Mem, hwm: self.hwm, ..Config::default() };
+        let dir = tempfile::tempdir()?;
+        let plane = match (t, mode) {
+            (BenchTransport::Mem, _) => EventPlane::in_process(),
+            (_, Mode::OneProcess) => EventPlane::with_discovery(config, Arc::new(MemDiscovery::new()))?,
+            (_, Mode::TwoProcess) => {
+                let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(dir.path())?);
+                EventPlane::with_discovery(Config { discovery: DiscoveryKind::File, ..config }, d)?
+            }
+        };
+        let mut sub = plane.raw_subscriber(&channel).await?;
+        let done = Arc::new(AtomicBool::new(false));
+        let sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>> = match mode {
+            Mode::OneProcess => {
+                let publisher = plane.publisher(&channel, Identity::new(self.seq)).await?;
+                // Connected once the welcome heartbeat arrives: no sleep.
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+                        Ok(Some(Event::Notice(eventplane::Notice::Joined { .. }))) => break,
+                        Ok(Some(_)) => {}
+                        _ => bail!("publisher never joined"),
+                    }
+                }
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let r = send_plane(&publisher, spec);
+                    done.store(true, Ordering::Release);
+                    // Stay alive (and heartbeating) until the subscriber has
+                    // accounted for everything, as a real publisher would.
+                    while done.load(Ordering::Acquire) {
+                        std::thread::park();
+                    }
+                    r
+                })
+            }
+            Mode::TwoProcess => {
+                let mut child = Command::new(std::env::current_exe()?)
+                    .args(["bench-peer", "--transport", "zmq", "--topic", channel.topic(), "--target"])
+                    .arg(dir.path())
+                    .args(["--size", &spec.size.to_string(), "--count", &spec.count.to_string(), "--rate", &spec.rate.to_string()])
+                    .env("DYN_EVENT_PLANE_HWM", self.hwm.to_string())
+                    .env("EVENTPLANE_LOG", "warn")
+                    .stdout(Stdio::piped())
+                    .spawn()?;
+                let out = child.stdout.take().expect("piped");
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let r = read_peer(out);
+                    let _ = child.wait();
+                    done.store(true, Ordering::Release);
+                    r
+                })
+            }
+        };
+
+        let heartbeat_wait = plane.config().heartbeat_interval * 2 + QUIET;
+        let mut received = 0u64;
+        let mut latency_ns = hist();
+        let mut last_progress = Instant::now();
+        loop {
+            let lost = sub.stats().sequence.lost;
+            if received + lost >= spec.count && done.load(Ordering::Acquire) {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(50), sub.recv()).await {
+                Ok(Some(Event::Message(m))) => {
+                    received += 1;
+                    let now = unix_nanos();
+                    let _ = latency_ns.record(now.saturating_sub(m.meta.timestamp_ns).max(1));
+                    last_progress = Instant::now();
+                    // Drain what is ready without re-checking the clock each time.
+                    while let Some(ev) = sub.try_recv() {
+                        if let Event::Message(m) = ev {
+                            received += 1;
+                            let _ = latency_ns.record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    // The publisher's idle heartbeat reveals any tail loss
+                    // within its interval; wait for it before calling the
+                    // rest lost.
+                    if done.load(Ordering::Acquire) && last_progress.elapsed() > heartbeat_wait {
+                        break;
+                    }
+                }
+            }
+        }
+        done.store(false, Ordering::Release);
+        sender.thread().unpark();
+        let (sent, send_s) = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        tracing::debug!(?spec, sent, send_s, received, stats = ?sub.stats(), "trial");
+        Ok(Trial { sent, send_s, received, reported_lost: Some(sub.stats().sequence.lost), latency_ns })
+    }
+}
+
+/// Publishes `spec.count` payloads of `spec.size` at `spec.rate`; returns
+/// (sent, seconds).
+fn send_plane(publisher: &eventplane::Publisher, spec: Spec) -> anyhow::Result<(u64, f64)> {
+    let payload = vec![0xabu8; spec.size];
+    let pacer = Pacer::new(spec.rate);
+    let start = Instant::now();
+    for k in 0..spec.count {
+        pacer.wait_for(k);
+        publisher.publish_bytes(&payload)?;
+    }
+    let send_s = start.elapsed().as_secs_f64();
+    publisher.heartbeat()?;
+    Ok((spec.count, send_s))
+}
+
+fn read_peer(out: std::process::ChildStdout) -> anyhow::Result<(u64, f64)> {
+    for line in BufReader::new(out).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line?)?;
+        if v["type"] == "done" {
+            return Ok((v["sent"].as_u64().unwrap_or(0), v["send_s"].as_f64().unwrap_or(0.0)));
+        }
+    }
+    bail!("bench peer exited without reporting")
+}
+
+/// Raw libzmq: an XPUB (to know when the subscriber has joined) and a SUB,
+/// one frame per message.
+fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
+    let ctx = zmq::Context::new();
+    let sub = ctx.socket(zmq::SUB)?;
+    sub.set_rcvhwm(hwm)?;
+    sub.set_subscribe(b"")?;
+    sub.set_rcvtimeo(50)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>> = match mode {
+        Mode::OneProcess => {
+            let publ = ctx.socket(zmq::XPUB)?;
+            publ.set_sndhwm(hwm)?;
+            publ.bind("tcp://127.0.0.1:*")?;
+            let endpoint = publ.get_last_endpoint()?.map_err(|_| anyhow::anyhow!("endpoint"))?;
+            sub.connect(&endpoint)?;
+            publ.recv_bytes(0)?; // the subscription: connected
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let r = send_raw(&publ, spec);
+                done.store(true, Ordering::Release);
+                r
+            })
+        }
+        Mode::TwoProcess => {
+            let mut child = Command::new(std::env::current_exe()?)
+                .args(["bench-peer", "--transport", "raw-zmq", "--target", "tcp://127.0.0.1:*"])
+                .args(["--size", &spec.size.to_string(), "--count", &spec.count.to_string(), "--rate", &spec.rate.to_string()])
+                .env("DYN_EVENT_PLANE_HWM", hwm.to_string())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+            let first: serde_json::Value = serde_json::from_str(&lines.next().context("peer printed nothing")??)?;
+            sub.connect(first["endpoint"].as_str().context("no endpoint")?)?;
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut r = Err(anyhow::anyhow!("raw peer exited without reporting"));
+                for line in lines {
+                    let v: serde_json::Value = match line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str(&l)?)) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    };
+                    if v["type"] == "done" {
+                        r = Ok((v["sent"].as_u64().unwrap_or(0), v["send_s"].as_f64().unwrap_or(0.0)));
+                    }
+                }
+                let _ = child.wait();
+                done.store(true, Ordering::Release);
+                r
+            })
+        }
+    };
+    let mut received = 0u64;
+    let mut latency_ns = hist();
+    let mut last_progress = Instant::now();
+    let mut msg = zmq::Message::new();
+    loop {
+        if received >= spec.count && done.load(Ordering::Acquire) {
+            break;
+        }
+        match sub.recv(&mut msg, 0) {
+            Ok(()) => {
+                received += 1;
+                if msg.len() >= 16 {
+                    let ts = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
+                    let _ = latency_ns.record(unix_nanos().saturating_sub(ts).max(1));
+                }
+                last_progress = Instant::now();
+            }
+            Err(zmq::Error::EAGAIN) => {
+                if done.load(Ordering::Acquire) && last_progress.elapsed() > QUIET {
+                    break;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (sent, send_s) = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(Trial { sent, send_s, received, reported_lost: None, latency_ns })
+}
+
+fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
+    let mut payload = raw_payload(spec.size, 0);
+    let pacer = Pacer::new(spec.rate);
+    let start = Instant::now();
+    for k in 0..spec.count {
+        pacer.wait_for(k);
+        payload[..8].copy_from_slice(&k.to_le_bytes());
+        payload[8..16].copy_from_slice(&unix_nanos().to_le_bytes());
+        publ.send(&payload[..spec.size.max(16)], zmq::DONTWAIT)?;
+    }
+    Ok((spec.count, start.elapsed().as_secs_f64()))
+}
+
+/// The remote publisher of a two-process trial.
+pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
+    let spec = Spec { size: a.size, count: a.count, rate: a.rate };
+    let hwm = Config::from_env()?.hwm;
+    let (sent, send_s) = match a.transport {
+        BenchTransport::RawZmq => {
+            let ctx = zmq::Context::new();
+            let publ = ctx.socket(zmq::XPUB)?;
+            publ.set_sndhwm(hwm)?;
+            publ.set_linger(5_000)?;
+            publ.bind(&a.target)?;
+            let endpoint = publ.get_last_endpoint()?.map_err(|_| anyhow::anyhow!("endpoint"))?;
+            println!("{}", json!({"type": "ready", "endpoint": endpoint}));
+            publ.recv_bytes(0)?;
+            send_raw(&publ, spec)?
+        }
+        BenchTransport::Zmq => {
+            let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(&a.target)?);
+            let config = Config { discovery: DiscoveryKind::File, hwm, ..Config::default() };
+            let plane = EventPlane::with_discovery(config, d)?;
+            let channel = Scope::new("bench", "transport")?.channel(&a.topic)?;
+            let publisher = plane.publisher(&channel, Identity::new(1)).await?;
+            if !tokio::time::timeout(Duration::from_secs(10), publisher.wait_for_subscriptions(1)).await.unwrap_or(false) {
+                bail!("no subscriber joined");
+            }
+            tokio::task::spawn_blocking(move || send_plane(&publisher, spec)).await??
+        }
+        BenchTransport::Mem => bail!("the in-process transport has no second process"),
+    };
+    println!("{}", json!({"type": "done", "sent": sent, "send_s": send_s}));
     Ok(())
 }

@@ -26,24 +26,18 @@ impl Pacer {
         (self.start.elapsed().as_secs_f64() * self.rate) as u64 + 1
     }
 
-    /// Blocks the thread until message number `sent` (0-based) is due. Sleeps
-    /// when the wait is long, spins briefly when it is short.
+    /// Blocks the thread until message number `sent` (0-based) is due. It
+    /// sleeps rather than spins, so a paced sender leaves the CPU to the
+    /// receiver (on 2 cores a spinning sender would starve it); the sleep's
+    /// overshoot makes it send the few messages then due back to back.
     pub fn wait_for(&self, sent: u64) {
         if self.rate <= 0.0 {
             return;
         }
         let at = self.start + Duration::from_secs_f64(sent as f64 / self.rate);
-        loop {
-            let now = Instant::now();
-            if now >= at {
-                return;
-            }
-            let left = at - now;
-            if left > Duration::from_micros(200) {
-                std::thread::sleep(left - Duration::from_micros(100));
-            } else {
-                std::hint::spin_loop();
-            }
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
         }
     }
 

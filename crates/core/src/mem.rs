@@ -101,6 +101,12 @@ impl MemBus {
         let mut pubs = topic.publishers.lock().unwrap_or_else(|p| p.into_inner());
         pubs.retain(|w| w.upgrade().is_some());
         pubs.push(publisher.downgrade());
+        drop(pubs);
+        // Announce the newcomer to the subscribers already there, as the ZMQ
+        // transport's welcome heartbeat does.
+        if !topic.subscribers.read().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            let _ = publisher.heartbeat();
+        }
         publisher
     }
 

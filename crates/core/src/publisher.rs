@@ -88,9 +88,17 @@ pub enum PublishError {
 /// What a transport provides to a publisher: somewhere to put encoded
 /// envelopes for one channel.
 pub trait FrameSink: Send + Sync + 'static {
-    /// Hands one encoded envelope to the transport. Must return promptly: it
-    /// may drop for slow subscribers but must never wait for them.
-    fn send(&self, envelope: &[u8]) -> Result<(), SendError>;
+    /// Sends one frame: [`frame_prefix`](Self::frame_prefix) followed by an
+    /// encoded envelope. Must return promptly: it may drop for slow
+    /// subscribers but must never wait for them.
+    fn send(&self, frame: &[u8]) -> Result<(), SendError>;
+
+    /// Bytes the transport wants in front of every envelope (the ZMQ
+    /// transport puts the subject there, for its subscription filter), so the
+    /// publisher can encode the whole frame in one buffer without a copy.
+    fn frame_prefix(&self) -> &[u8] {
+        &[]
+    }
 
     /// The number of subscriptions the transport has seen so far, as a value
     /// that changes when a subscriber joins; `None` if the transport cannot
@@ -219,11 +227,13 @@ impl Publisher {
             seq,
             timestamp_ns: now,
         };
+        let prefix = inner.sink.frame_prefix();
         let SendState { buf, .. } = &mut *st;
         buf.clear();
+        buf.extend_from_slice(prefix);
         envelope::encode(&header, subject, payload, buf);
-        if buf.len() > inner.max_message_bytes {
-            let size = buf.len();
+        if buf.len() - prefix.len() > inner.max_message_bytes {
+            let size = buf.len() - prefix.len();
             st.stats.errors += 1;
             return Err(PublishError::TooLarge {
                 size,

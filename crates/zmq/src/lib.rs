@@ -26,8 +26,15 @@
 //!
 //! ## Frames
 //!
-//! Each message is two frames: the channel subject (ZMQ filters
-//! subscriptions on it) and the envelope (see `docs/wire-format.md`).
+//! Each message is **one** ZMQ frame: the channel subject, a NUL byte, then
+//! the envelope (see `docs/wire-format.md`). Subscribers subscribe to the
+//! subject followed by the NUL, so ZMQ's prefix filter matches channels
+//! exactly (`kv` does not match `kv-events`). One frame rather than a
+//! `[subject, envelope]` multipart pair for two reasons: libzmq asserts
+//! (`!_more` in `fq.cpp`, libzmq issue 2163) when a SUB socket disconnects a
+//! publisher while a multipart message from it is half read, which our
+//! subscribers do whenever discovery says a publisher left; and one frame
+//! halves the per-message work of libzmq.
 //!
 //! ## High-water marks
 //!
@@ -47,7 +54,7 @@ use eventplane_core::{Channel, QueueLimits};
 use std::time::Duration;
 
 pub use publisher::publish_on;
-pub use subscriber::subscribe_to;
+pub use subscriber::{subscribe_to, DISCONNECT_GRACE};
 
 /// Default send and receive high-water mark, in messages. See the crate docs.
 pub const DEFAULT_HWM: i32 = 100_000;
@@ -118,6 +125,15 @@ pub(crate) fn zmq_err(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> Zmq
 /// The trailing `/` keeps one subject from matching another that extends it.
 pub fn discovery_prefix(channel: &Channel) -> String {
     format!("eventplane/zmq/{}/", channel.subject())
+}
+
+/// The start of every frame on `channel`: its subject and a NUL byte. It is
+/// also the subscription prefix.
+pub fn frame_prefix(channel: &Channel) -> Vec<u8> {
+    let mut p = Vec::with_capacity(channel.subject().len() + 1);
+    p.extend_from_slice(channel.subject().as_bytes());
+    p.push(0);
+    p
 }
 
 /// What a publisher registers in discovery.

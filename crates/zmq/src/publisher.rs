@@ -19,18 +19,20 @@ struct Shared {
 
 struct ZmqSink {
     shared: Arc<Shared>,
-    subject: Vec<u8>,
+    /// The subject and a NUL byte: the start of every frame.
+    prefix: Vec<u8>,
     subscriptions: watch::Receiver<u64>,
     _registration: Registration,
 }
 
 impl FrameSink for ZmqSink {
-    fn send(&self, envelope: &[u8]) -> Result<(), SendError> {
+    fn send(&self, frame: &[u8]) -> Result<(), SendError> {
         let socket = self.shared.socket.lock().unwrap_or_else(|p| p.into_inner());
-        socket
-            .send(&self.subject[..], zmq::SNDMORE | zmq::DONTWAIT)
-            .and_then(|()| socket.send(envelope, zmq::DONTWAIT))
-            .map_err(|e| SendError::Transport(e.to_string()))
+        socket.send(frame, zmq::DONTWAIT).map_err(|e| SendError::Transport(e.to_string()))
+    }
+
+    fn frame_prefix(&self) -> &[u8] {
+        &self.prefix
     }
 
     fn subscriptions(&self) -> Option<watch::Receiver<u64>> {
@@ -102,7 +104,7 @@ pub async fn publish_on(
     let (subs_tx, subs_rx) = watch::channel(0u64);
     let sink = ZmqSink {
         shared: shared.clone(),
-        subject: channel.subject().as_bytes().to_vec(),
+        prefix: crate::frame_prefix(channel),
         subscriptions: subs_rx,
         _registration: registration,
     };

@@ -9,8 +9,15 @@ use eventplane_discovery::{Discovery, WatchEvent};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::{discovery_prefix, zmq_err, Advertisement, ZmqError, ZmqOptions};
+
+/// How long after a publisher leaves discovery its connection is closed.
+pub const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+
+/// Bound on queued control commands (connects and disconnects).
+const CONTROL_HWM: i32 = 100_000;
 
 /// Most messages moved from the socket to the queue in one batch.
 const BATCH_MESSAGES: usize = 1024;
@@ -26,8 +33,11 @@ struct Control {
 impl Control {
     fn send(&self, cmd: &str) {
         let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = socket.send(cmd, 0) {
-            tracing::warn!(error = %e, cmd, "zmq subscriber control command not delivered");
+        // Never block: a PAIR socket whose reader has exited would block a
+        // sender for ever. EAGAIN means the socket thread is gone (or a
+        // hundred thousand commands behind), and the command is moot.
+        if let Err(e) = socket.send(cmd, zmq::DONTWAIT) {
+            tracing::debug!(error = %e, cmd, "zmq subscriber control command not delivered");
         }
     }
 }
@@ -63,8 +73,7 @@ pub async fn subscribe_to(
     sub.set_maxmsgsize(hard_cap)
         .map_err(zmq_err("set MAXMSGSIZE"))?;
     sub.set_linger(0).map_err(zmq_err("set LINGER"))?;
-    sub.set_subscribe(channel.subject().as_bytes())
-        .map_err(zmq_err("subscribe"))?;
+    sub.set_subscribe(&crate::frame_prefix(channel)).map_err(zmq_err("subscribe"))?;
 
     let ctl_addr = format!("inproc://ep-sub-ctl-{:016x}", rand_u64());
     let ctl_rx = ctx
@@ -76,6 +85,8 @@ pub async fn subscribe_to(
     let ctl_tx = ctx
         .socket(zmq::PAIR)
         .map_err(zmq_err("create control socket"))?;
+    ctl_rx.set_rcvhwm(CONTROL_HWM).map_err(zmq_err("set control RCVHWM"))?;
+    ctl_tx.set_sndhwm(CONTROL_HWM).map_err(zmq_err("set control SNDHWM"))?;
     ctl_tx
         .connect(&ctl_addr)
         .map_err(zmq_err("connect control socket"))?;
@@ -88,7 +99,7 @@ pub async fn subscribe_to(
         sub,
         ctl: ctl_rx,
         tx: tx.clone(),
-        subject: channel.subject().as_bytes().to_vec(),
+        prefix: crate::frame_prefix(channel),
         max_bytes: opts.max_message_bytes,
         log: LogOnce::default(),
         channel: channel.clone(),
@@ -101,13 +112,16 @@ pub async fn subscribe_to(
     let (wctl, wchannel) = (control.clone(), channel.clone());
     let watcher = tokio::spawn(async move {
         let mut by_key: HashMap<String, Advertisement> = HashMap::new();
+        // Registrations per endpoint, shared with the delayed disconnects.
+        let by_endpoint: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         while let Some(ev) = watch.next().await {
             match ev {
                 WatchEvent::Added(entry) => {
                     match serde_json::from_value::<Advertisement>(entry.value) {
                         Ok(ad) => {
                             tracing::info!(channel = %wchannel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher found; connecting");
-                            wctl.send(&format!("+{}", ad.endpoint));
+                            *by_endpoint.lock().unwrap_or_else(|p| p.into_inner()).entry(ad.endpoint.clone()).or_default() += 1;
+                        wctl.send(&format!("+{}", ad.endpoint));
                             tx.change(PublisherChange::Added {
                                 endpoint: ad.endpoint.clone(),
                                 publisher_id: Some(ad.publisher_id),
@@ -122,12 +136,30 @@ pub async fn subscribe_to(
                 }
                 WatchEvent::Removed { key } => {
                     if let Some(ad) = by_key.remove(&key) {
-                        tracing::info!(channel = %wchannel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher gone; disconnecting");
-                        // Another registration may share the endpoint (same
-                        // process re-registered): keep the connection then.
-                        if !by_key.values().any(|other| other.endpoint == ad.endpoint) {
-                            wctl.send(&format!("-{}", ad.endpoint));
+                        {
+                            let mut counts = by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(n) = counts.get_mut(&ad.endpoint) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    counts.remove(&ad.endpoint);
+                                }
+                            }
                         }
+                        tracing::info!(channel = %wchannel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher gone; disconnecting");
+                        // Disconnect after a grace period: what the publisher
+                        // sent just before leaving may still be in flight, and
+                        // disconnecting discards it. Reconnects are cheap to
+                        // stop late; lost messages cannot be had back.
+                        let (ctl, endpoint) = (wctl.clone(), ad.endpoint.clone());
+                        let watched = by_endpoint.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(DISCONNECT_GRACE).await;
+                            // Another registration may share the endpoint (a
+                            // publisher re-registered): keep the connection then.
+                            if !watched.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&endpoint) {
+                                ctl.send(&format!("-{endpoint}"));
+                            }
+                        });
                         tx.change(PublisherChange::Removed {
                             endpoint: ad.endpoint,
                             publisher_id: Some(ad.publisher_id),
@@ -155,7 +187,7 @@ struct Reader {
     sub: zmq::Socket,
     ctl: zmq::Socket,
     tx: SourceTx,
-    subject: Vec<u8>,
+    prefix: Vec<u8>,
     max_bytes: usize,
     log: LogOnce,
     channel: Channel,
@@ -218,51 +250,53 @@ impl Reader {
         let counters = self.tx.counters().clone();
         let mut batch = Vec::with_capacity(64);
         let mut batch_bytes = 0usize;
-        let mut frames: Vec<zmq::Message> = Vec::with_capacity(2);
         loop {
-            frames.clear();
             let mut msg = zmq::Message::new();
             if self.sub.recv(&mut msg, zmq::DONTWAIT).is_err() {
                 break;
             }
-            frames.push(msg);
-            while self.sub.get_rcvmore().unwrap_or(false) {
+            let mut size = msg.len();
+            let mut frames = 1;
+            // Ours are single frames; read and discard the rest of anything else.
+            while msg.get_more() {
                 let mut part = zmq::Message::new();
                 if self.sub.recv(&mut part, 0).is_err() {
                     break;
                 }
-                frames.push(part);
+                size += part.len();
+                frames += 1;
+                if !part.get_more() {
+                    break;
+                }
             }
-            let size: usize = frames.iter().map(|f| f.len()).sum();
             SourceCounters::bump(&counters.frames);
             counters.bytes.fetch_add(size as u64, Ordering::Relaxed);
-            if frames.len() != 2 || frames[0][..] != self.subject[..] {
+            if frames != 1 || !msg.starts_with(&self.prefix) {
                 SourceCounters::bump(&counters.bad_framing);
                 if self.log.first("bad_framing") {
-                    let topic =
-                        String::from_utf8_lossy(&frames[0][..frames[0].len().min(64)]).into_owned();
+                    let head = String::from_utf8_lossy(&msg[..msg.len().min(64)]).into_owned();
                     tracing::warn!(
-                        channel = %self.channel, frames = frames.len(), topic, bytes = size,
-                        "message with bad framing dropped: expected 2 frames [subject, envelope] (further ones are counted, not logged)"
+                        channel = %self.channel, frames, head, bytes = size,
+                        "message with bad framing dropped: expected one frame, subject NUL envelope (further ones are counted, not logged)"
                     );
                 }
                 continue;
             }
-            if frames[1].len() > self.max_bytes {
+            let envelope = &msg[self.prefix.len()..];
+            if envelope.len() > self.max_bytes {
                 SourceCounters::bump(&counters.oversized);
                 if self.log.first("oversized") {
                     tracing::warn!(
-                        channel = %self.channel, bytes = frames[1].len(), limit = self.max_bytes,
+                        channel = %self.channel, bytes = envelope.len(), limit = self.max_bytes,
                         "oversized message dropped (further ones are counted, not logged)"
                     );
                 }
                 continue;
             }
-            batch_bytes += frames[1].len();
-            batch.push(Bytes::copy_from_slice(&frames[1]));
+            batch_bytes += envelope.len();
+            batch.push(Bytes::copy_from_slice(envelope));
             if batch.len() >= BATCH_MESSAGES || batch_bytes >= BATCH_BYTES {
-                self.tx
-                    .push(std::mem::take(&mut batch), std::mem::take(&mut batch_bytes));
+                self.tx.push(std::mem::take(&mut batch), std::mem::take(&mut batch_bytes));
             }
         }
         self.tx.push(batch, batch_bytes);
