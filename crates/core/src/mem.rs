@@ -132,7 +132,7 @@ impl MemBus {
             // cannot fail.
             let _ = p.heartbeat();
         }
-        RawSubscriber::new(channel.clone(), source, Box::new(()))
+        RawSubscriber::new(channel.clone(), Box::new(source), Box::new(()))
     }
 }
 

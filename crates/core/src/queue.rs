@@ -14,6 +14,7 @@
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 /// Bounds of a subscriber's queue.
@@ -92,6 +93,31 @@ impl SourceCounters {
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a subscriber's input comes from. The in-process transport uses the
+/// bounded queue of this module ([`Source`]); a transport may instead read its
+/// socket directly when the subscriber polls (the ZMQ transport does, so a
+/// message reaches the application with one thread wake-up, not two).
+pub trait FrameSource: Send + 'static {
+    /// Polls for the next item; `None` once the transport has shut down.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<SourceItem>>;
+    /// The next item if one is ready now.
+    fn try_next(&mut self) -> Option<SourceItem>;
+    /// The transport's counters.
+    fn counters(&self) -> &SourceCounters;
+}
+
+impl FrameSource for Source {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<SourceItem>> {
+        Source::poll_next(self, cx)
+    }
+    fn try_next(&mut self) -> Option<SourceItem> {
+        Source::try_next(self)
+    }
+    fn counters(&self) -> &SourceCounters {
+        &self.counters
     }
 }
 
@@ -185,24 +211,20 @@ impl SourceTx {
 }
 
 impl Source {
-    /// The next item: discovery changes first, then data. `None` when every
-    /// sender is gone.
-    pub async fn next(&mut self) -> Option<SourceItem> {
-        loop {
-            tokio::select! {
-                biased;
-                Some(c) = self.changes.recv() => return Some(SourceItem::Change(c)),
-                b = self.batches.recv() => match b {
-                    Some((batch, bytes)) => {
-                        self.in_flight.fetch_sub(bytes, Ordering::AcqRel);
-                        return Some(SourceItem::Batch(batch));
-                    }
-                    None => {
-                        // Data closed: drain what changes remain, then end.
-                        return self.changes.recv().await.map(SourceItem::Change);
-                    }
-                },
+    /// Polls for the next item: discovery changes first, then data. `None`
+    /// when every sender is gone.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<SourceItem>> {
+        if let Poll::Ready(Some(c)) = self.changes.poll_recv(cx) {
+            return Poll::Ready(Some(SourceItem::Change(c)));
+        }
+        match self.batches.poll_recv(cx) {
+            Poll::Ready(Some((batch, bytes))) => {
+                self.in_flight.fetch_sub(bytes, Ordering::AcqRel);
+                Poll::Ready(Some(SourceItem::Batch(batch)))
             }
+            // Data closed: whatever changes remain were drained above.
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -240,7 +262,7 @@ mod tests {
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert!(!tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert_eq!(tx.counters().queue_dropped.load(Ordering::Relaxed), 1);
-        assert!(matches!(rx.next().await, Some(SourceItem::Batch(b)) if b.len() == 1));
+        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Batch(b)) if b.len() == 1));
         assert_eq!(rx.queued_bytes(), 0);
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
     }
@@ -263,7 +285,7 @@ mod tests {
             endpoint: "e".into(),
             publisher_id: None,
         });
-        assert!(matches!(rx.next().await, Some(SourceItem::Change(_))));
-        assert!(matches!(rx.next().await, Some(SourceItem::Batch(_))));
+        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Change(_))));
+        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Batch(_))));
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 
 use crate::envelope::{self, unix_nanos, DecodeError};
 use crate::name::Channel;
-use crate::queue::{PublisherChange, Source, SourceCounters, SourceItem};
+use crate::queue::{FrameSource, PublisherChange, SourceCounters, SourceItem};
 use crate::sequence::{Notice, SequenceCounters, SequenceTracker, Verdict};
 
 /// Where a message came from and when.
@@ -120,7 +120,7 @@ impl LogOnce {
 /// A subscriber whose payloads are left as bytes.
 pub struct RawSubscriber {
     channel: Channel,
-    source: Source,
+    source: Box<dyn FrameSource>,
     tracker: SequenceTracker,
     pending: VecDeque<Event<RawMessage>>,
     notices: Vec<Notice>,
@@ -143,7 +143,7 @@ impl RawSubscriber {
     /// A subscriber for `channel` reading `source`. `guard` keeps the
     /// transport's resources (threads, sockets, watchers) alive; dropping the
     /// subscriber drops it. Transports call this.
-    pub fn new(channel: Channel, source: Source, guard: Box<dyn Send + Sync>) -> Self {
+    pub fn new(channel: Channel, source: Box<dyn FrameSource>, guard: Box<dyn Send + Sync>) -> Self {
         Self {
             channel,
             source,
@@ -169,7 +169,7 @@ impl RawSubscriber {
             if let Some(ev) = self.pending.pop_front() {
                 return Some(ev);
             }
-            let item = self.source.next().await?;
+            let item = std::future::poll_fn(|cx| self.source.poll_next(cx)).await?;
             self.absorb(item);
         }
     }
