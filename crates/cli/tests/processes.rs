@@ -55,11 +55,7 @@ impl Seen {
                 *next += 1;
                 *self.messages.entry(pid).or_default() += 1;
             }
-            Some("notice") => {
-                if line["notice"] != "silent" {
-                    self.notices.push(line.clone());
-                }
-            }
+            Some("notice") if line["notice"] != "silent" => self.notices.push(line.clone()),
             _ => {}
         }
     }

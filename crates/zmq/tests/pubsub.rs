@@ -164,11 +164,11 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
         &mut valid,
     );
     rogue.send_multipart([&prefix[..], b"two frames".as_slice()], 0).unwrap(); // multipart
-    rogue.send(&framed(b"not msgpack"), 0).unwrap();
-    rogue.send(&framed(&valid[..valid.len() - 3]), 0).unwrap(); // truncated
-    rogue.send(&framed(&[0x98, 7]), 0).unwrap(); // unknown version
-    rogue.send(&framed(&[0u8; 10_000]), 0).unwrap(); // oversized
-    rogue.send(&[ch.subject().as_bytes(), b"-more\0x"].concat(), 0).unwrap(); // filtered by ZMQ: not counted
+    rogue.send(framed(b"not msgpack"), 0).unwrap();
+    rogue.send(framed(&valid[..valid.len() - 3]), 0).unwrap(); // truncated
+    rogue.send(framed(&[0x98, 7]), 0).unwrap(); // unknown version
+    rogue.send(framed(&[0u8; 10_000]), 0).unwrap(); // oversized
+    rogue.send([ch.subject().as_bytes(), b"-more\0x"].concat(), 0).unwrap(); // filtered by ZMQ: not counted
     rogue.send(&prefix[..prefix.len() - 1], 0).unwrap(); // prefix without its NUL: filtered by ZMQ
     let mut other = Vec::new();
     eventplane_core::envelope::encode(
@@ -177,8 +177,8 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
         b"x",
         &mut other,
     );
-    rogue.send(&framed(&other), 0).unwrap(); // wrong subject inside
-    rogue.send(&framed(&valid), 0).unwrap(); // well formed: delivered
+    rogue.send(framed(&other), 0).unwrap(); // wrong subject inside
+    rogue.send(framed(&valid), 0).unwrap(); // well formed: delivered
 
     good.publish_bytes(b"still fine").unwrap();
     let mut got_rogue_valid = false;

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine with only Rust installed.
+#
+# 1. Installs what the tests need when it is missing (Debian packages with
+#    apt-get; a Python venv in .venv with the foreign clients the interop tests
+#    use).
+# 2. Checks formatting and lints (warnings are errors).
+# 3. Runs every test of the workspace with cargo-nextest when it is installed
+#    (cargo test otherwise), then the doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+missing=()
+command -v g++ >/dev/null 2>&1 || missing+=(g++)          # zmq-sys builds libzmq from source
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  say "installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# --- Python clients for interop tests ---------------------------------------
+if ! .venv/bin/python -c 'import zmq, msgpack' >/dev/null 2>&1; then
+  say "creating .venv with pyzmq and msgpack"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack
+fi
+export EVENTPLANE_PYTHON="$PWD/.venv/bin/python"
+
+# --- checks -----------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+# --- tests ------------------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+  say "cargo nextest run"
+  cargo nextest run --workspace --no-fail-fast
+  say "doc tests"
+  cargo test --workspace --doc --quiet
+else
+  say "cargo test (install cargo-nextest for a faster, clearer run)"
+  cargo test --workspace --no-fail-fast
+fi
