@@ -98,8 +98,15 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 _ => &[Mode::OneProcess, Mode::TwoProcess],
             };
             for &mode in modes {
-                let mut rig = Rig { transport: t, mode, hwm, seq: 0 };
-                let row = measure(&mut rig, size, &a).await.with_context(|| format!("{} {mode:?} {size} B", name(t)))?;
+                let mut rig = Rig {
+                    transport: t,
+                    mode,
+                    hwm,
+                    seq: 0,
+                };
+                let row = measure(&mut rig, size, &a)
+                    .await
+                    .with_context(|| format!("{} {mode:?} {size} B", name(t)))?;
                 eprintln!("{}", row);
                 rows.push(row);
             }
@@ -107,7 +114,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     // Ratios against raw libzmq with the same size and process layout.
     for i in 0..rows.len() {
-        let base = rows.iter().find(|r| r["transport"] == "raw-libzmq" && r["size"] == rows[i]["size"] && r["processes"] == rows[i]["processes"]);
+        let base = rows.iter().find(|r| {
+            r["transport"] == "raw-libzmq"
+                && r["size"] == rows[i]["size"]
+                && r["processes"] == rows[i]["processes"]
+        });
         if let Some(base) = base.cloned() {
             let row = rows[i].clone();
             let ratio = |k: &str| match (row[k].as_f64(), base[k].as_f64()) {
@@ -129,22 +140,48 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
-    println!("transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}", a.trial_s, a.latency_rate, a.latency_s, rows.first().map(|r| r["hwm"].clone()).unwrap_or_default());
+    println!(
+        "transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}",
+        a.trial_s,
+        a.latency_rate,
+        a.latency_s,
+        rows.first().map(|r| r["hwm"].clone()).unwrap_or_default()
+    );
     println!(
         "| transport | procs | size B | sustained msg/s | vs raw | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::Number(n) => n.as_f64().map(|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x:.2}") }).unwrap_or_default(),
+        serde_json::Value::Number(n) => n
+            .as_f64()
+            .map(|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.2}")
+                }
+            })
+            .unwrap_or_default(),
         other => other.to_string().trim_matches('"').to_owned(),
     };
     for r in rows {
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            f(&r["transport"]), f(&r["processes"]), f(&r["size"]), f(&r["sustained_msg_s"]), f(&r["throughput_vs_raw"]),
-            f(&r["unpaced"]["offered_msg_s"]), f(&r["unpaced"]["received"]), f(&r["unpaced"]["lost"]), f(&r["unpaced"]["reported_lost"]),
-            f(&r["unpaced"]["unreported"]), f(&r["p50_us"]), f(&r["p99_us"]), f(&r["p99_9_us"]), f(&r["p99_vs_raw"]),
+            f(&r["transport"]),
+            f(&r["processes"]),
+            f(&r["size"]),
+            f(&r["sustained_msg_s"]),
+            f(&r["throughput_vs_raw"]),
+            f(&r["unpaced"]["offered_msg_s"]),
+            f(&r["unpaced"]["received"]),
+            f(&r["unpaced"]["lost"]),
+            f(&r["unpaced"]["reported_lost"]),
+            f(&r["unpaced"]["unreported"]),
+            f(&r["p50_us"]),
+            f(&r["p99_us"]),
+            f(&r["p99_9_us"]),
+            f(&r["p99_vs_raw"]),
         );
     }
 }
@@ -152,10 +189,22 @@ fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
 async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     // Unpaced: the publisher's top speed, and what happens past the
     // subscriber's capacity.
-    let probe = rig.trial(Spec { size, count: 200_000, rate: 0.0 }).await?;
+    let probe = rig
+        .trial(Spec {
+            size,
+            count: 200_000,
+            rate: 0.0,
+        })
+        .await?;
     let top = (probe.sent as f64 / probe.send_s.max(1e-9)).max(1_000.0);
     let count = ((top * a.trial_s) as u64).clamp(10_000, 5_000_000);
-    let unpaced = rig.trial(Spec { size, count, rate: 0.0 }).await?;
+    let unpaced = rig
+        .trial(Spec {
+            size,
+            count,
+            rate: 0.0,
+        })
+        .await?;
     let offered = unpaced.sent as f64 / unpaced.send_s.max(1e-9);
     let reported = unpaced.reported_lost;
     let past = json!({
@@ -174,7 +223,13 @@ async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<se
     } else {
         for _ in 0..7 {
             let rate = if lo == 0.0 { hi / 2.0 } else { (lo + hi) / 2.0 };
-            let t = rig.trial(Spec { size, count: ((rate * a.trial_s) as u64).max(1_000), rate }).await?;
+            let t = rig
+                .trial(Spec {
+                    size,
+                    count: ((rate * a.trial_s) as u64).max(1_000),
+                    rate,
+                })
+                .await?;
             let achieved = t.sent as f64 / t.send_s.max(1e-9);
             if t.lost() == 0 && achieved >= rate * 0.97 {
                 lo = rate;
@@ -184,7 +239,13 @@ async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<se
         }
     }
 
-    let lat = rig.trial(Spec { size, count: (a.latency_rate as f64 * a.latency_s) as u64, rate: a.latency_rate as f64 }).await?;
+    let lat = rig
+        .trial(Spec {
+            size,
+            count: (a.latency_rate as f64 * a.latency_s) as u64,
+            rate: a.latency_rate as f64,
+        })
+        .await?;
     let q = |p: f64| (lat.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
     Ok(json!({
         "transport": name(rig.transport),
@@ -220,16 +281,34 @@ impl Rig {
         }
     }
 
-    async fn plane_trial(&self, t: BenchTransport, mode: Mode, spec: Spec) -> anyhow::Result<Trial> {
+    async fn plane_trial(
+        &self,
+        t: BenchTransport,
+        mode: Mode,
+        spec: Spec,
+    ) -> anyhow::Result<Trial> {
         let channel = Scope::new("bench", "transport")?.channel(format!("t{}", self.seq))?;
-        let config = Config { transport: TransportKind::Zmq, discovery: DiscoveryKind::Mem, hwm: self.hwm, ..Config::default() };
+        let config = Config {
+            transport: TransportKind::Zmq,
+            discovery: DiscoveryKind::Mem,
+            hwm: self.hwm,
+            ..Config::default()
+        };
         let dir = tempfile::tempdir()?;
         let plane = match (t, mode) {
             (BenchTransport::Mem, _) => EventPlane::in_process(),
-            (_, Mode::OneProcess) => EventPlane::with_discovery(config, Arc::new(MemDiscovery::new()))?,
+            (_, Mode::OneProcess) => {
+                EventPlane::with_discovery(config, Arc::new(MemDiscovery::new()))?
+            }
             (_, Mode::TwoProcess) => {
                 let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(dir.path())?);
-                EventPlane::with_discovery(Config { discovery: DiscoveryKind::File, ..config }, d)?
+                EventPlane::with_discovery(
+                    Config {
+                        discovery: DiscoveryKind::File,
+                        ..config
+                    },
+                    d,
+                )?
             }
         };
         let mut sub = plane.raw_subscriber(&channel).await?;
@@ -259,9 +338,23 @@ impl Rig {
             }
             Mode::TwoProcess => {
                 let mut child = Command::new(std::env::current_exe()?)
-                    .args(["bench-peer", "--transport", "zmq", "--topic", channel.topic(), "--target"])
+                    .args([
+                        "bench-peer",
+                        "--transport",
+                        "zmq",
+                        "--topic",
+                        channel.topic(),
+                        "--target",
+                    ])
                     .arg(dir.path())
-                    .args(["--size", &spec.size.to_string(), "--count", &spec.count.to_string(), "--rate", &spec.rate.to_string()])
+                    .args([
+                        "--size",
+                        &spec.size.to_string(),
+                        "--count",
+                        &spec.count.to_string(),
+                        "--rate",
+                        &spec.rate.to_string(),
+                    ])
                     .env("DYN_EVENT_PLANE_HWM", self.hwm.to_string())
                     .env("EVENTPLANE_LOG", "warn")
                     .stdout(Stdio::piped())
@@ -296,7 +389,8 @@ impl Rig {
                     while let Some(ev) = sub.try_recv() {
                         if let Event::Message(m) = ev {
                             received += 1;
-                            let _ = latency_ns.record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
+                            let _ = latency_ns
+                                .record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
                         }
                     }
                 }
@@ -314,9 +408,17 @@ impl Rig {
         }
         done.store(false, Ordering::Release);
         sender.thread().unpark();
-        let (sent, send_s) = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        let (sent, send_s) = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
         tracing::debug!(?spec, sent, send_s, received, stats = ?sub.stats(), "trial");
-        Ok(Trial { sent, send_s, received, reported_lost: Some(sub.stats().sequence.lost), latency_ns })
+        Ok(Trial {
+            sent,
+            send_s,
+            received,
+            reported_lost: Some(sub.stats().sequence.lost),
+            latency_ns,
+        })
     }
 }
 
@@ -339,7 +441,10 @@ fn read_peer(out: std::process::ChildStdout) -> anyhow::Result<(u64, f64)> {
     for line in BufReader::new(out).lines() {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
         if v["type"] == "done" {
-            return Ok((v["sent"].as_u64().unwrap_or(0), v["send_s"].as_f64().unwrap_or(0.0)));
+            return Ok((
+                v["sent"].as_u64().unwrap_or(0),
+                v["send_s"].as_f64().unwrap_or(0.0),
+            ));
         }
     }
     bail!("bench peer exited without reporting")
@@ -359,7 +464,9 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             let publ = ctx.socket(zmq::XPUB)?;
             publ.set_sndhwm(hwm)?;
             publ.bind("tcp://127.0.0.1:*")?;
-            let endpoint = publ.get_last_endpoint()?.map_err(|_| anyhow::anyhow!("endpoint"))?;
+            let endpoint = publ
+                .get_last_endpoint()?
+                .map_err(|_| anyhow::anyhow!("endpoint"))?;
             sub.connect(&endpoint)?;
             publ.recv_bytes(0)?; // the subscription: connected
             let done = done.clone();
@@ -371,19 +478,36 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
         }
         Mode::TwoProcess => {
             let mut child = Command::new(std::env::current_exe()?)
-                .args(["bench-peer", "--transport", "raw-zmq", "--target", "tcp://127.0.0.1:*"])
-                .args(["--size", &spec.size.to_string(), "--count", &spec.count.to_string(), "--rate", &spec.rate.to_string()])
+                .args([
+                    "bench-peer",
+                    "--transport",
+                    "raw-zmq",
+                    "--target",
+                    "tcp://127.0.0.1:*",
+                ])
+                .args([
+                    "--size",
+                    &spec.size.to_string(),
+                    "--count",
+                    &spec.count.to_string(),
+                    "--rate",
+                    &spec.rate.to_string(),
+                ])
                 .env("DYN_EVENT_PLANE_HWM", hwm.to_string())
                 .stdout(Stdio::piped())
                 .spawn()?;
             let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-            let first: serde_json::Value = serde_json::from_str(&lines.next().context("peer printed nothing")??)?;
+            let first: serde_json::Value =
+                serde_json::from_str(&lines.next().context("peer printed nothing")??)?;
             sub.connect(first["endpoint"].as_str().context("no endpoint")?)?;
             let done = done.clone();
             std::thread::spawn(move || {
                 let mut r = Err(anyhow::anyhow!("raw peer exited without reporting"));
                 for line in lines {
-                    let v: serde_json::Value = match line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str(&l)?)) {
+                    let v: serde_json::Value = match line
+                        .map_err(anyhow::Error::from)
+                        .and_then(|l| Ok(serde_json::from_str(&l)?))
+                    {
                         Ok(v) => v,
                         Err(e) => {
                             r = Err(e);
@@ -391,7 +515,10 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
                         }
                     };
                     if v["type"] == "done" {
-                        r = Ok((v["sent"].as_u64().unwrap_or(0), v["send_s"].as_f64().unwrap_or(0.0)));
+                        r = Ok((
+                            v["sent"].as_u64().unwrap_or(0),
+                            v["send_s"].as_f64().unwrap_or(0.0),
+                        ));
                     }
                 }
                 let _ = child.wait();
@@ -425,8 +552,16 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             Err(e) => return Err(e.into()),
         }
     }
-    let (sent, send_s) = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok(Trial { sent, send_s, received, reported_lost: None, latency_ns })
+    let (sent, send_s) = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(Trial {
+        sent,
+        send_s,
+        received,
+        reported_lost: None,
+        latency_ns,
+    })
 }
 
 fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
@@ -444,7 +579,11 @@ fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
 
 /// The remote publisher of a two-process trial.
 pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
-    let spec = Spec { size: a.size, count: a.count, rate: a.rate };
+    let spec = Spec {
+        size: a.size,
+        count: a.count,
+        rate: a.rate,
+    };
     let hwm = Config::from_env()?.hwm;
     let (sent, send_s) = match a.transport {
         BenchTransport::RawZmq => {
@@ -453,24 +592,36 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
             publ.set_sndhwm(hwm)?;
             publ.set_linger(5_000)?;
             publ.bind(&a.target)?;
-            let endpoint = publ.get_last_endpoint()?.map_err(|_| anyhow::anyhow!("endpoint"))?;
+            let endpoint = publ
+                .get_last_endpoint()?
+                .map_err(|_| anyhow::anyhow!("endpoint"))?;
             println!("{}", json!({"type": "ready", "endpoint": endpoint}));
             publ.recv_bytes(0)?;
             send_raw(&publ, spec)?
         }
         BenchTransport::Zmq => {
             let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(&a.target)?);
-            let config = Config { discovery: DiscoveryKind::File, hwm, ..Config::default() };
+            let config = Config {
+                discovery: DiscoveryKind::File,
+                hwm,
+                ..Config::default()
+            };
             let plane = EventPlane::with_discovery(config, d)?;
             let channel = Scope::new("bench", "transport")?.channel(&a.topic)?;
             let publisher = plane.publisher(&channel, Identity::new(1)).await?;
-            if !tokio::time::timeout(Duration::from_secs(10), publisher.wait_for_subscriptions(1)).await.unwrap_or(false) {
+            if !tokio::time::timeout(Duration::from_secs(10), publisher.wait_for_subscriptions(1))
+                .await
+                .unwrap_or(false)
+            {
                 bail!("no subscriber joined");
             }
             tokio::task::spawn_blocking(move || send_plane(&publisher, spec)).await??
         }
         BenchTransport::Mem => bail!("the in-process transport has no second process"),
     };
-    println!("{}", json!({"type": "done", "sent": sent, "send_s": send_s}));
+    println!(
+        "{}",
+        json!({"type": "done", "sent": sent, "send_s": send_s})
+    );
     Ok(())
 }

@@ -89,7 +89,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let ev = match tokio::time::timeout_at(deadline.into(), sub.recv()).await {
             Ok(Some(ev)) => ev,
             Ok(None) => bail!("the subscriber stopped"),
-            Err(_) => bail!("the demo did not complete within {:?} (phase {phase})", WAIT * 2),
+            Err(_) => bail!(
+                "the demo did not complete within {:?} (phase {phase})",
+                WAIT * 2
+            ),
         };
         let at = t0.elapsed().as_secs_f64();
         match &ev {
@@ -115,16 +118,31 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                     other => println!("{at:7.3}s  worker {}: {}", other.publisher_id(), other.name()),
                 }
             }
-            Event::Discovery(PublisherChange::Added { endpoint, publisher_id, .. }) => {
-                println!("{at:7.3}s  discovery: worker {} at {endpoint}", publisher_id.unwrap_or_default())
+            Event::Discovery(PublisherChange::Added {
+                endpoint,
+                publisher_id,
+                ..
+            }) => {
+                println!(
+                    "{at:7.3}s  discovery: worker {} at {endpoint}",
+                    publisher_id.unwrap_or_default()
+                )
             }
             Event::Discovery(PublisherChange::Removed { publisher_id, .. }) => {
-                let after = killed_at.map(|k: Instant| format!(" ({} ms after SIGKILL)", k.elapsed().as_millis())).unwrap_or_default();
-                println!("{at:7.3}s  discovery: worker {} gone{after}", publisher_id.unwrap_or_default());
+                let after = killed_at
+                    .map(|k: Instant| format!(" ({} ms after SIGKILL)", k.elapsed().as_millis()))
+                    .unwrap_or_default();
+                println!(
+                    "{at:7.3}s  discovery: worker {} gone{after}",
+                    publisher_id.unwrap_or_default()
+                );
                 killed_at = None;
             }
         }
-        let all_in = |ids: &[u64], w: &BTreeMap<u64, Worker>| ids.iter().all(|id| w.get(id).is_some_and(|w| w.last_seq >= per_worker));
+        let all_in = |ids: &[u64], w: &BTreeMap<u64, Worker>| {
+            ids.iter()
+                .all(|id| w.get(id).is_some_and(|w| w.last_seq >= per_worker))
+        };
         match phase {
             0 if all_in(&(1..=a.publishers).collect::<Vec<_>>(), &workers) => {
                 println!("{at:7.3}s  every worker's {per_worker} reports received; killing worker 1 with SIGKILL");
@@ -135,7 +153,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 killed_at = Some(Instant::now());
                 phase = 1;
             }
-            1 if matches!(ev, Event::Discovery(PublisherChange::Removed { publisher_id: Some(1), .. })) => {
+            1 if matches!(
+                ev,
+                Event::Discovery(PublisherChange::Removed {
+                    publisher_id: Some(1),
+                    ..
+                })
+            ) =>
+            {
                 let id = a.publishers + 1;
                 println!("{at:7.3}s  starting a new worker {id}");
                 children.0.insert(id, spawn(id, per_worker)?);
@@ -151,7 +176,16 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 children.0.insert(2, spawn(2, per_worker)?);
                 phase = 3;
             }
-            3 if matches!(ev, Event::Notice(Notice::Restarted { publisher_id: 2, .. })) => phase = 4,
+            3 if matches!(
+                ev,
+                Event::Notice(Notice::Restarted {
+                    publisher_id: 2,
+                    ..
+                })
+            ) =>
+            {
+                phase = 4
+            }
             _ => {}
         }
     }
@@ -161,7 +195,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("| worker | messages | last seq | gaps | lost | restarts |");
     println!("|---|---|---|---|---|---|");
     for (id, w) in &workers {
-        println!("| {id} | {} | {} | {} | {} | {} |", w.messages, w.last_seq, w.gaps, w.lost, w.restarts);
+        println!(
+            "| {id} | {} | {} | {} | {} | {} |",
+            w.messages, w.last_seq, w.gaps, w.lost, w.restarts
+        );
     }
     let st = sub.stats();
     println!();

@@ -126,6 +126,14 @@ pub fn unix_nanos() -> u64 {
 /// Appends the encoded envelope to `out`.
 pub fn encode(header: &Header, subject: &str, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(48 + subject.len() + payload.len());
+    encode_head(header, subject, payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+/// Appends everything of the envelope but the payload bytes themselves (which
+/// must follow, `payload_len` of them). Lets a transport assemble the frame
+/// with a single copy of the payload.
+pub fn encode_head(header: &Header, subject: &str, payload_len: usize, out: &mut Vec<u8>) {
     // Writing to a Vec cannot fail.
     let _ = rmp::encode::write_array_len(out, ENVELOPE_FIELDS);
     let _ = rmp::encode::write_uint(out, WIRE_VERSION);
@@ -135,7 +143,7 @@ pub fn encode(header: &Header, subject: &str, payload: &[u8], out: &mut Vec<u8>)
     let _ = rmp::encode::write_uint(out, header.seq);
     let _ = rmp::encode::write_uint(out, header.timestamp_ns);
     let _ = rmp::encode::write_str(out, subject);
-    let _ = rmp::encode::write_bin(out, payload);
+    let _ = rmp::encode::write_bin_len(out, payload_len as u32);
 }
 
 /// Decodes an envelope, borrowing subject and payload from `buf`.

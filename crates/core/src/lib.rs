@@ -34,7 +34,9 @@ pub use envelope::{Header, Kind};
 pub use mem::MemBus;
 pub use name::{Channel, NameError, Scope};
 pub use publisher::{FrameSink, Identity, PublishError, Publisher, PublisherStats, SendError};
-pub use queue::{source_queue, FrameSource, PublisherChange, QueueLimits, Source, SourceItem, SourceTx};
+pub use queue::{
+    source_queue, FrameSource, PublisherChange, QueueLimits, Source, SourceItem, SourceTx,
+};
 pub use sequence::{Notice, SequenceCounters, SequenceTracker};
 pub use subscriber::{
     Event, Message, Meta, RawMessage, RawSubscriber, Subscriber, SubscriberStats,

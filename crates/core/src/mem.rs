@@ -8,7 +8,6 @@
 //! channel send a heartbeat at once, so it learns of them without waiting for
 //! data (the in-process equivalent of the ZMQ transport's welcome).
 
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -40,8 +39,11 @@ struct MemSink {
 }
 
 impl FrameSink for MemSink {
-    fn send(&self, envelope: &[u8]) -> Result<(), SendError> {
-        let frame = Bytes::copy_from_slice(envelope);
+    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+        let mut frame = bytes::BytesMut::with_capacity(head.len() + payload.len());
+        frame.extend_from_slice(head);
+        frame.extend_from_slice(payload);
+        let frame = frame.freeze();
         let subs = self
             .topic
             .subscribers
@@ -104,7 +106,12 @@ impl MemBus {
         drop(pubs);
         // Announce the newcomer to the subscribers already there, as the ZMQ
         // transport's welcome heartbeat does.
-        if !topic.subscribers.read().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        if !topic
+            .subscribers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
             let _ = publisher.heartbeat();
         }
         publisher

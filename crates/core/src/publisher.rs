@@ -88,10 +88,12 @@ pub enum PublishError {
 /// What a transport provides to a publisher: somewhere to put encoded
 /// envelopes for one channel.
 pub trait FrameSink: Send + Sync + 'static {
-    /// Sends one frame: [`frame_prefix`](Self::frame_prefix) followed by an
-    /// encoded envelope. Must return promptly: it may drop for slow
+    /// Sends one frame, given in two parts to be sent back to back: `head`
+    /// ([`frame_prefix`](Self::frame_prefix) and the envelope up to its
+    /// payload) and `payload`. Two parts so that the payload is copied once,
+    /// into the transport's own buffer. Must return promptly: it may drop for slow
     /// subscribers but must never wait for them.
-    fn send(&self, frame: &[u8]) -> Result<(), SendError>;
+    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError>;
 
     /// Bytes the transport wants in front of every envelope (the ZMQ
     /// transport puts the subject there, for its subscription filter), so the
@@ -231,9 +233,9 @@ impl Publisher {
         let SendState { buf, .. } = &mut *st;
         buf.clear();
         buf.extend_from_slice(prefix);
-        envelope::encode(&header, subject, payload, buf);
-        if buf.len() - prefix.len() > inner.max_message_bytes {
-            let size = buf.len() - prefix.len();
+        envelope::encode_head(&header, subject, payload.len(), buf);
+        if buf.len() + payload.len() - prefix.len() > inner.max_message_bytes {
+            let size = buf.len() + payload.len() - prefix.len();
             st.stats.errors += 1;
             return Err(PublishError::TooLarge {
                 size,
@@ -241,7 +243,7 @@ impl Publisher {
                 subject: subject.to_owned(),
             });
         }
-        if let Err(e) = inner.sink.send(&st.buf) {
+        if let Err(e) = inner.sink.send(&st.buf, payload) {
             st.stats.errors += 1;
             return Err(e.into());
         }
@@ -329,8 +331,8 @@ mod tests {
     #[derive(Default, Clone)]
     struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
     impl FrameSink for Capture {
-        fn send(&self, envelope: &[u8]) -> Result<(), SendError> {
-            self.0.lock().unwrap().push(envelope.to_vec());
+        fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+            self.0.lock().unwrap().push([head, payload].concat());
             Ok(())
         }
     }

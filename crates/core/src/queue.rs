@@ -262,7 +262,9 @@ mod tests {
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert!(!tx.push(vec![Bytes::from_static(b"123456")], 6));
         assert_eq!(tx.counters().queue_dropped.load(Ordering::Relaxed), 1);
-        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Batch(b)) if b.len() == 1));
+        assert!(
+            matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Batch(b)) if b.len() == 1)
+        );
         assert_eq!(rx.queued_bytes(), 0);
         assert!(tx.push(vec![Bytes::from_static(b"123456")], 6));
     }
@@ -285,7 +287,13 @@ mod tests {
             endpoint: "e".into(),
             publisher_id: None,
         });
-        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Change(_))));
-        assert!(matches!(std::future::poll_fn(|cx| rx.poll_next(cx)).await, Some(SourceItem::Batch(_))));
+        assert!(matches!(
+            std::future::poll_fn(|cx| rx.poll_next(cx)).await,
+            Some(SourceItem::Change(_))
+        ));
+        assert!(matches!(
+            std::future::poll_fn(|cx| rx.poll_next(cx)).await,
+            Some(SourceItem::Batch(_))
+        ));
     }
 }

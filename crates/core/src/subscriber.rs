@@ -143,7 +143,11 @@ impl RawSubscriber {
     /// A subscriber for `channel` reading `source`. `guard` keeps the
     /// transport's resources (threads, sockets, watchers) alive; dropping the
     /// subscriber drops it. Transports call this.
-    pub fn new(channel: Channel, source: Box<dyn FrameSource>, guard: Box<dyn Send + Sync>) -> Self {
+    pub fn new(
+        channel: Channel,
+        source: Box<dyn FrameSource>,
+        guard: Box<dyn Send + Sync>,
+    ) -> Self {
         Self {
             channel,
             source,

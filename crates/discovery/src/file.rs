@@ -31,6 +31,17 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 
 const SUFFIX: &str = ".json";
 
+/// Longest file name stem used for an entry (file systems allow 255 bytes).
+const MAX_FILE_STEM: usize = 200;
+
+/// FNV-1a, 64 bits: a hash that is the same in every build and process,
+/// which the standard library's hasher does not promise.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct FileEntry {
     key: String,
@@ -89,6 +100,16 @@ impl FileDiscovery {
             } else {
                 name.push_str(&format!("%{b:02X}"));
             }
+        }
+        if name.len() > MAX_FILE_STEM {
+            // File names are limited (255 bytes on most file systems); keep a
+            // readable start and make the rest unique with a hash of the whole
+            // key. Readers match the key inside the file, never the name.
+            let mut cut = MAX_FILE_STEM - 17;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name = format!("{}~{:016x}", &name[..cut], fnv1a(key.as_bytes()));
         }
         name.push_str(SUFFIX);
         self.dir.join(name)

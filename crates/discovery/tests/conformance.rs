@@ -197,3 +197,27 @@ async fn garbage_files_are_ignored() {
         .unwrap();
     assert_eq!(d.list("").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn file_keys_longer_than_a_file_name_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = FileDiscovery::new(dir.path()).unwrap();
+    let long_a = format!("svc/{}a", "x.".repeat(200));
+    let long_b = format!("svc/{}b", "x.".repeat(200));
+    let _a = d
+        .register(&long_a, json!("a"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let _b = d
+        .register(&long_b, json!("b"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let keys: Vec<String> = d
+        .list("svc/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(keys, vec![long_a, long_b]);
+}

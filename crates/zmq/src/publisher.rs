@@ -26,9 +26,15 @@ struct ZmqSink {
 }
 
 impl FrameSink for ZmqSink {
-    fn send(&self, frame: &[u8]) -> Result<(), SendError> {
+    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+        // Assemble the frame in libzmq's own buffer: one copy of the payload.
+        let mut msg = zmq::Message::with_size(head.len() + payload.len());
+        msg[..head.len()].copy_from_slice(head);
+        msg[head.len()..].copy_from_slice(payload);
         let socket = self.shared.socket.lock().unwrap_or_else(|p| p.into_inner());
-        socket.send(frame, zmq::DONTWAIT).map_err(|e| SendError::Transport(e.to_string()))
+        socket
+            .send(msg, zmq::DONTWAIT)
+            .map_err(|e| SendError::Transport(e.to_string()))
     }
 
     fn frame_prefix(&self) -> &[u8] {

@@ -33,6 +33,10 @@ pub const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Most messages handed to the subscriber in one batch.
 const BATCH_MESSAGES: usize = 1024;
 
+/// Envelopes up to this size are copied into a shared per-batch buffer;
+/// larger ones keep libzmq's buffer (no copy).
+const COPY_BELOW: usize = 1024;
+
 /// Bound on connect / disconnect commands waiting for the subscriber.
 const COMMANDS: usize = 4096;
 
@@ -40,7 +44,10 @@ const COMMANDS: usize = 4096;
 #[derive(Debug)]
 enum Command {
     /// Connect to `endpoint` and report `change`.
-    Connect { endpoint: String, change: PublisherChange },
+    Connect {
+        endpoint: String,
+        change: PublisherChange,
+    },
     /// Report `change` (the publisher left; the disconnect comes later).
     Report(PublisherChange),
     /// Disconnect from `endpoint` (after the grace period).
@@ -100,14 +107,19 @@ pub async fn subscribe_to(
     sub.set_rcvhwm(opts.rcvhwm).map_err(zmq_err("set RCVHWM"))?;
     // libzmq's own hard cap protects memory from a hostile peer; messages
     // between our limit and this cap are counted as oversized.
-    let hard_cap = (opts.max_message_bytes as i64).saturating_mul(4).max(1 << 20);
-    sub.set_maxmsgsize(hard_cap).map_err(zmq_err("set MAXMSGSIZE"))?;
+    let hard_cap = (opts.max_message_bytes as i64)
+        .saturating_mul(4)
+        .max(1 << 20);
+    sub.set_maxmsgsize(hard_cap)
+        .map_err(zmq_err("set MAXMSGSIZE"))?;
     sub.set_linger(0).map_err(zmq_err("set LINGER"))?;
-    sub.set_subscribe(&crate::frame_prefix(channel)).map_err(zmq_err("subscribe"))?;
+    sub.set_subscribe(&crate::frame_prefix(channel))
+        .map_err(zmq_err("subscribe"))?;
     let fd = sub.get_fd().map_err(zmq_err("read ZMQ_FD"))?;
     // SAFETY: the descriptor belongs to `sub`, which `ZmqSource` keeps open
     // for longer than the `AsyncFd` (it is declared, so dropped, after it).
-    let signal = unsafe { AsyncFd::register_with_interest(SignalFd(fd), Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+    let signal = unsafe { AsyncFd::register_with_interest(SignalFd(fd), Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
 
     let counters = Arc::new(SourceCounters::default());
     let (tx, commands) = mpsc::channel(COMMANDS);
@@ -124,11 +136,20 @@ pub async fn subscribe_to(
         log: LogOnce::default(),
         channel: channel.clone(),
     };
-    Ok(RawSubscriber::new(channel.clone(), Box::new(source), Box::new(Guard(watcher))))
+    Ok(RawSubscriber::new(
+        channel.clone(),
+        Box::new(source),
+        Box::new(Guard(watcher)),
+    ))
 }
 
 /// Turns discovery events into socket commands.
-async fn follow(mut watch: eventplane_discovery::Watch, tx: mpsc::Sender<Command>, counters: Arc<SourceCounters>, channel: Channel) {
+async fn follow(
+    mut watch: eventplane_discovery::Watch,
+    tx: mpsc::Sender<Command>,
+    counters: Arc<SourceCounters>,
+    channel: Channel,
+) {
     let send = |cmd: Command| {
         if tx.try_send(cmd).is_err() {
             SourceCounters::bump(&counters.changes_dropped);
@@ -140,18 +161,35 @@ async fn follow(mut watch: eventplane_discovery::Watch, tx: mpsc::Sender<Command
     let by_endpoint: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     while let Some(ev) = watch.next().await {
         match ev {
-            WatchEvent::Added(entry) => match serde_json::from_value::<Advertisement>(entry.value) {
-                Ok(ad) => {
-                    tracing::info!(channel = %channel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher found; connecting");
-                    *by_endpoint.lock().unwrap_or_else(|p| p.into_inner()).entry(ad.endpoint.clone()).or_default() += 1;
-                    let change = PublisherChange::Added { endpoint: ad.endpoint.clone(), publisher_id: Some(ad.publisher_id), incarnation: Some(ad.incarnation) };
-                    send(Command::Connect { endpoint: ad.endpoint.clone(), change });
-                    by_key.insert(entry.key, ad);
+            WatchEvent::Added(entry) => {
+                match serde_json::from_value::<Advertisement>(entry.value) {
+                    Ok(ad) => {
+                        tracing::info!(channel = %channel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher found; connecting");
+                        *by_endpoint
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(ad.endpoint.clone())
+                            .or_default() += 1;
+                        let change = PublisherChange::Added {
+                            endpoint: ad.endpoint.clone(),
+                            publisher_id: Some(ad.publisher_id),
+                            incarnation: Some(ad.incarnation),
+                        };
+                        send(Command::Connect {
+                            endpoint: ad.endpoint.clone(),
+                            change,
+                        });
+                        by_key.insert(entry.key, ad);
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %channel, key = %entry.key, error = %e, "unusable publisher registration ignored")
+                    }
                 }
-                Err(e) => tracing::warn!(channel = %channel, key = %entry.key, error = %e, "unusable publisher registration ignored"),
-            },
+            }
             WatchEvent::Removed { key } => {
-                let Some(ad) = by_key.remove(&key) else { continue };
+                let Some(ad) = by_key.remove(&key) else {
+                    continue;
+                };
                 tracing::info!(channel = %channel, endpoint = %ad.endpoint, publisher_id = ad.publisher_id, "publisher gone; disconnecting");
                 {
                     let mut counts = by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,7 +200,10 @@ async fn follow(mut watch: eventplane_discovery::Watch, tx: mpsc::Sender<Command
                         }
                     }
                 }
-                send(Command::Report(PublisherChange::Removed { endpoint: ad.endpoint.clone(), publisher_id: Some(ad.publisher_id) }));
+                send(Command::Report(PublisherChange::Removed {
+                    endpoint: ad.endpoint.clone(),
+                    publisher_id: Some(ad.publisher_id),
+                }));
                 // Disconnect after a grace period: what the publisher sent just
                 // before leaving may still be in flight, and disconnecting
                 // discards it. Reconnect attempts are cheap to stop late; lost
@@ -170,7 +211,11 @@ async fn follow(mut watch: eventplane_discovery::Watch, tx: mpsc::Sender<Command
                 let (tx, watched, endpoint) = (tx.clone(), by_endpoint.clone(), ad.endpoint);
                 tokio::spawn(async move {
                     tokio::time::sleep(DISCONNECT_GRACE).await;
-                    if !watched.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&endpoint) {
+                    if !watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&endpoint)
+                    {
                         let _ = tx.try_send(Command::Disconnect { endpoint });
                     }
                 });
@@ -207,6 +252,8 @@ impl ZmqSource {
     /// Reads what the socket holds now, up to a batch.
     fn read_batch(&mut self) -> Option<Vec<Bytes>> {
         let mut batch = Vec::new();
+        let mut arena = bytes::BytesMut::new();
+        let mut small = Vec::new();
         while batch.len() < BATCH_MESSAGES {
             let mut msg = zmq::Message::new();
             if self.sub.recv(&mut msg, zmq::DONTWAIT).is_err() {
@@ -226,7 +273,9 @@ impl ZmqSource {
                 more = part.get_more();
             }
             SourceCounters::bump(&self.counters.frames);
-            self.counters.bytes.fetch_add(size as u64, Ordering::Relaxed);
+            self.counters
+                .bytes
+                .fetch_add(size as u64, Ordering::Relaxed);
             if frames != 1 || !msg.starts_with(&self.prefix) {
                 SourceCounters::bump(&self.counters.bad_framing);
                 if self.log.first("bad_framing") {
@@ -249,7 +298,21 @@ impl ZmqSource {
                 }
                 continue;
             }
-            batch.push(Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..));
+            if envelope_len > COPY_BELOW {
+                batch.push(Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..));
+            } else {
+                // Small envelopes share one buffer per batch: one allocation
+                // for many messages instead of one each.
+                small.push((batch.len(), arena.len(), envelope_len));
+                arena.extend_from_slice(&msg[self.prefix.len()..]);
+                batch.push(Bytes::new());
+            }
+        }
+        if !small.is_empty() {
+            let arena = arena.freeze();
+            for (i, at, len) in small {
+                batch[i] = arena.slice(at..at + len);
+            }
         }
         (!batch.is_empty()).then_some(batch)
     }

@@ -158,21 +158,37 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
     let framed = |envelope: &[u8]| [&prefix[..], envelope].concat();
     let mut valid = Vec::new();
     eventplane_core::envelope::encode(
-        &eventplane_core::Header { kind: eventplane_core::Kind::Data, publisher_id: 666, incarnation: 1, seq: 1, timestamp_ns: 0 },
+        &eventplane_core::Header {
+            kind: eventplane_core::Kind::Data,
+            publisher_id: 666,
+            incarnation: 1,
+            seq: 1,
+            timestamp_ns: 0,
+        },
         ch.subject(),
         b"x",
         &mut valid,
     );
-    rogue.send_multipart([&prefix[..], b"two frames".as_slice()], 0).unwrap(); // multipart
+    rogue
+        .send_multipart([&prefix[..], b"two frames".as_slice()], 0)
+        .unwrap(); // multipart
     rogue.send(framed(b"not msgpack"), 0).unwrap();
     rogue.send(framed(&valid[..valid.len() - 3]), 0).unwrap(); // truncated
     rogue.send(framed(&[0x98, 7]), 0).unwrap(); // unknown version
     rogue.send(framed(&[0u8; 10_000]), 0).unwrap(); // oversized
-    rogue.send([ch.subject().as_bytes(), b"-more\0x"].concat(), 0).unwrap(); // filtered by ZMQ: not counted
+    rogue
+        .send([ch.subject().as_bytes(), b"-more\0x"].concat(), 0)
+        .unwrap(); // filtered by ZMQ: not counted
     rogue.send(&prefix[..prefix.len() - 1], 0).unwrap(); // prefix without its NUL: filtered by ZMQ
     let mut other = Vec::new();
     eventplane_core::envelope::encode(
-        &eventplane_core::Header { kind: eventplane_core::Kind::Data, publisher_id: 666, incarnation: 1, seq: 1, timestamp_ns: 0 },
+        &eventplane_core::Header {
+            kind: eventplane_core::Kind::Data,
+            publisher_id: 666,
+            incarnation: 1,
+            seq: 1,
+            timestamp_ns: 0,
+        },
         "ep.other.subject.x",
         b"x",
         &mut other,

@@ -1,0 +1,230 @@
+//! Interoperability with a client written from `docs/wire-format.md` alone:
+//! the real `eventplane publish` binary publishes over ZMQ with file
+//! discovery, and `tests/interop/zmq_subscriber.py` (pyzmq + msgpack, no
+//! eventplane code) finds it, subscribes, validates every message and
+//! reports what it received.
+//!
+//! The Python interpreter is `$EVENTPLANE_PYTHON`, else `<workspace>/.venv/bin/python`
+//! (created by `scripts/test.sh`). Without either the test is skipped, unless
+//! `CI` is set, where it fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long any one expected line may take.
+const WAIT: Duration = Duration::from_secs(30);
+const COUNT: u64 = 50;
+const PUBLISHER_ID: u64 = 77;
+const NAMESPACE: &str = "dynamo";
+const COMPONENT: &str = "comp";
+const TOPIC: &str = "topic-x";
+const VALUE: &str = r#"{"blocks":[1,2,18446744073709551615],"name":"w1"}"#;
+
+/// A child process, killed and reaped when dropped (also on panic).
+struct Guard {
+    name: &'static str,
+    child: Child,
+}
+
+impl Guard {
+    fn spawn(name: &'static str, cmd: &mut Command) -> (Guard, mpsc::Receiver<String>) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let lines = read_lines(child.stdout.take().expect("piped stdout"));
+        (Guard { name, child }, lines)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself, at most [`WAIT`].
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Stdout lines, read on a thread so waits can time out.
+fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next JSON line satisfying `pred`, skipping others; panics after [`WAIT`].
+fn until(
+    name: &str,
+    lines: &mpsc::Receiver<String>,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("{name}: expected line not seen within {WAIT:?} ({e})"));
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{name}: stdout line is not JSON ({e}): {line}"));
+        if pred(&v) {
+            return v;
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The interpreter to use, or `None` to skip.
+fn python(root: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("EVENTPLANE_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let venv = root.join(".venv/bin/python");
+    if venv.exists() {
+        return Some(venv);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "no Python for the interop test: set EVENTPLANE_PYTHON or run scripts/test.sh \
+             (which creates {} with pyzmq and msgpack)",
+            venv.display()
+        );
+    }
+    eprintln!("skipped: no venv (run scripts/test.sh)");
+    None
+}
+
+#[test]
+fn python_subscriber_written_from_the_spec_receives_everything() {
+    let root = workspace_root();
+    let Some(python) = python(&root) else {
+        return;
+    };
+    let deps = Command::new(&python)
+        .args(["-c", "import zmq, msgpack"])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        deps.success(),
+        "{} lacks pyzmq or msgpack: run scripts/test.sh (or pip install pyzmq msgpack)",
+        python.display()
+    );
+    let script = root.join("tests/interop/zmq_subscriber.py");
+    assert!(script.exists(), "{} is missing", script.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let (mut publisher, pub_lines) = Guard::spawn(
+        "publisher",
+        Command::new(env!("CARGO_BIN_EXE_eventplane"))
+            .args(["publish", "--discovery", "file", "--discovery-dir"])
+            .arg(dir.path())
+            .args([
+                "--event-plane",
+                "zmq",
+                "-n",
+                NAMESPACE,
+                "-c",
+                COMPONENT,
+                "-t",
+                TOPIC,
+            ])
+            .args([
+                "--publisher-id",
+                &PUBLISHER_ID.to_string(),
+                "--value",
+                VALUE,
+            ])
+            .args(["--count", &COUNT.to_string(), "--rate", "1000"])
+            .args(["--wait-subscribers", "1", "--hold"])
+            .env("EVENTPLANE_LOG", "warn"),
+    );
+    let ready = until("publisher", &pub_lines, |l| l["type"] == "ready");
+    assert_eq!(ready["publisher_id"], PUBLISHER_ID, "ready line: {ready}");
+    let incarnation = ready["incarnation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no incarnation in the ready line: {ready}"));
+    let subject = ready["subject"]
+        .as_str()
+        .expect("subject in the ready line")
+        .to_owned();
+
+    let (mut subscriber, sub_lines) = Guard::spawn(
+        "python subscriber",
+        Command::new(&python)
+            .arg(&script)
+            .arg("--discovery-dir")
+            .arg(dir.path())
+            .args([
+                "--namespace",
+                NAMESPACE,
+                "--component",
+                COMPONENT,
+                "--topic",
+                TOPIC,
+            ])
+            .args(["--count", &COUNT.to_string(), "--timeout", "30"]),
+    );
+    until("python subscriber", &sub_lines, |l| l["ready"] == true);
+    let result = until("python subscriber", &sub_lines, |l| {
+        l.get("messages").is_some()
+    });
+    let status = subscriber.wait();
+    assert!(status.success(), "python subscriber exited with {status}");
+
+    let published = until("publisher", &pub_lines, |l| l["type"] == "published");
+    assert_eq!(published["count"], COUNT, "published line: {published}");
+    publisher.kill();
+
+    assert_eq!(
+        result["subject"],
+        subject.as_str(),
+        "subject computed in Python"
+    );
+    assert_eq!(result["gaps"], 0, "gaps: {}", result["gaps"]);
+    let messages = result["messages"].as_array().expect("messages array");
+    assert_eq!(messages.len() as u64, COUNT);
+    let expected: serde_json::Value = serde_json::from_str(VALUE).unwrap();
+    for (i, m) in messages.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(m["publisher_id"], PUBLISHER_ID, "message {i}: {m}");
+        assert_eq!(m["incarnation"], incarnation, "message {i}: {m}");
+        assert_eq!(m["seq"], seq, "message {i}: {m}");
+        assert!(
+            m["timestamp_ns"].as_u64().is_some_and(|t| t > 0),
+            "message {i}: {m}"
+        );
+        assert_eq!(m["value"], expected, "message {i}: {m}");
+    }
+}

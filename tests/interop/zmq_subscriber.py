@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""A subscriber of one eventplane channel over ZMQ, written from
+docs/wire-format.md alone (it uses no eventplane code): only pyzmq and msgpack.
+
+It finds the channel's publishers in a file-discovery directory, connects to
+them, receives until it has --count data messages, validates every message
+against the wire format, and prints on stdout:
+
+    {"ready": true}                       once connected to a publisher
+    {"subject": ..., "messages": [...], "heartbeats": n, "gaps": n, ...}
+
+Any violation of the wire format is fatal (exit status 1); so is a timeout
+(exit status 2). Diagnostics go to stderr.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+import msgpack
+import zmq
+
+SUBJECT_PREFIX = "ep"
+MAX_NAME_LEN = 256
+WIRE_VERSION = 1
+ENVELOPE_FIELDS = 8
+KIND_DATA = 0
+KIND_HEARTBEAT = 1
+U64_MAX = (1 << 64) - 1
+RESCAN_S = 0.2
+PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class Violation(Exception):
+    """A message or discovery entry that breaks the wire format."""
+
+
+def fail(status, message):
+    print(f"zmq_subscriber: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def escape(name):
+    """§1.2: bytes outside [A-Za-z0-9_-] become %XX (upper-case hex)."""
+    return "".join(chr(b) if b in PLAIN else "%{:02X}".format(b) for b in name.encode("utf-8"))
+
+
+def check_name(part, name):
+    size = len(name.encode("utf-8"))
+    if size == 0:
+        raise ValueError(f"the {part} name is empty")
+    if size > MAX_NAME_LEN:
+        raise ValueError(f"the {part} name is {size} bytes long; the limit is {MAX_NAME_LEN}")
+
+
+def subject_of(namespace, component, endpoint, topic):
+    """§1.3: ep.<ns>.<comp>[.<endpoint>].<topic>, each name escaped."""
+    parts = [("namespace", namespace), ("component", component)]
+    if endpoint is not None:
+        parts.append(("endpoint", endpoint))
+    parts.append(("topic", topic))
+    for part, name in parts:
+        check_name(part, name)
+    return ".".join([SUBJECT_PREFIX] + [escape(name) for _, name in parts])
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
+
+
+def is_u64(v):
+    # bool is a subclass of int in Python; msgpack true/false are not integers.
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64_MAX
+
+
+def live_publishers(directory, subject, hostname):
+    """§6.2-§6.5: endpoint -> advertisement, for every live registration of
+    the channel's ZMQ publishers. Read-only: dead entries are skipped, not
+    deleted."""
+    prefix = f"eventplane/zmq/{subject}/"
+    found = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return found
+    now = time.time()
+    for name in names:
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            mtime = os.stat(path).st_mtime
+            with open(path, "rb") as f:
+                entry = json.load(f)
+        except (OSError, ValueError):
+            continue  # removed meanwhile, or not an entry: ignored
+        if not isinstance(entry, dict):
+            continue
+        key, value = entry.get("key"), entry.get("value")
+        pid, host, ttl_ms = entry.get("pid"), entry.get("host"), entry.get("ttl_ms")
+        if not isinstance(key, str) or not key.startswith(prefix):
+            continue
+        if not (is_u64(pid) and isinstance(host, str) and is_u64(ttl_ms)):
+            continue
+        age = max(0.0, now - mtime)
+        if age > ttl_ms / 1000.0:
+            continue
+        if host == hostname and not pid_alive(pid):
+            continue
+        if not isinstance(value, dict):
+            raise Violation(f"registration {key!r}: value is not an object")
+        endpoint = value.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+            raise Violation(f"registration {key!r}: bad endpoint {endpoint!r}")
+        if value.get("subject") != subject:
+            raise Violation(f"registration {key!r}: subject {value.get('subject')!r} is not {subject!r}")
+        pub_id, inc = value.get("publisher_id"), value.get("incarnation")
+        if not (is_u64(pub_id) and is_u64(inc)):
+            raise Violation(f"registration {key!r}: publisher_id/incarnation are not u64")
+        expected_key = f"{prefix}{pub_id:016x}-{inc:016x}"
+        if key != expected_key:
+            raise Violation(f"registration key {key!r}, expected {expected_key!r}")
+        found[endpoint] = value
+    return found
+
+
+def decode_envelope(buf, subject):
+    """§2.3: returns (kind, publisher_id, incarnation, seq, timestamp_ns, payload)."""
+    try:
+        env = msgpack.unpackb(buf, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise Violation(f"envelope is not one MessagePack value: {e!r}")
+    if not isinstance(env, (list, tuple)):
+        raise Violation(f"envelope is not an array but {type(env).__name__}")
+    if len(env) < ENVELOPE_FIELDS:
+        raise Violation(f"envelope has {len(env)} elements; at least {ENVELOPE_FIELDS} expected")
+    # Elements after the eighth are ignored.
+    version, kind, pub_id, inc, seq, ts, env_subject, payload = env[:ENVELOPE_FIELDS]
+    for field, v in (("version", version), ("kind", kind), ("publisher_id", pub_id),
+                     ("incarnation", inc), ("seq", seq), ("timestamp_ns", ts)):
+        if not is_u64(v):
+            raise Violation(f"field {field} is {v!r}, not an unsigned 64-bit integer")
+    if version != WIRE_VERSION:
+        raise Violation(f"unsupported envelope version {version}")
+    if kind not in (KIND_DATA, KIND_HEARTBEAT):
+        raise Violation(f"unknown envelope kind {kind}")
+    if not isinstance(env_subject, str):
+        raise Violation(f"subject is {type(env_subject).__name__}, not a MessagePack str")
+    if env_subject != subject:
+        raise Violation(f"envelope subject {env_subject!r} is not {subject!r}")
+    if not isinstance(payload, bytes):
+        raise Violation(f"payload is {type(payload).__name__}, not a MessagePack bin")
+    if kind == KIND_HEARTBEAT and payload:
+        raise Violation(f"heartbeat with a {len(payload)}-byte payload")
+    return kind, pub_id, inc, seq, ts, payload
+
+
+class Tracker:
+    """§3.4 per publisher_id: incarnation, highest seq known, missing seqs."""
+
+    def __init__(self):
+        self.pubs = {}  # publisher_id -> {"inc", "highest", "missing": set}
+        self.heartbeats = 0
+        self.gaps = 0
+        self.lost = 0
+        self.late = 0
+        self.duplicates = 0
+        self.restarts = 0
+        self.stale = 0
+
+    def observe(self, kind, pub_id, inc, seq):
+        """Returns True when a data message is to be delivered."""
+        is_data = kind == KIND_DATA
+        if not is_data:
+            self.heartbeats += 1
+        t = self.pubs.get(pub_id)
+        if t is None or inc > t["inc"]:
+            if t is not None:
+                self.restarts += 1
+            # Joining (or rejoining after a restart) wherever the stream is.
+            self.pubs[pub_id] = {"inc": inc, "highest": seq, "missing": set()}
+            return is_data
+        if inc < t["inc"]:
+            self.stale += 1
+            return False
+        highest = t["highest"]
+        if seq > highest:
+            last_missing = seq - 1 if is_data else seq
+            if last_missing > highest:
+                self.gaps += 1
+                self.lost += last_missing - highest
+                t["missing"].update(range(highest + 1, last_missing + 1))
+            t["highest"] = seq
+            return is_data
+        if not is_data:
+            return False  # nothing new
+        if seq in t["missing"]:
+            t["missing"].discard(seq)
+            self.late += 1
+            self.lost -= 1
+            return True
+        self.duplicates += 1
+        return False
+
+
+def json_safe(v):
+    """msgpack values that JSON cannot hold (bin, ext, non-str keys) made printable."""
+    if isinstance(v, bytes):
+        return {"$bin": v.hex()}
+    if isinstance(v, msgpack.ExtType):
+        return {"$ext": v.code, "data": v.data.hex()}
+    if isinstance(v, dict):
+        return {k if isinstance(k, str) else json.dumps(json_safe(k)): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--discovery-dir", required=True)
+    ap.add_argument("--namespace", required=True)
+    ap.add_argument("--component", required=True)
+    ap.add_argument("--endpoint", default=None, help="endpoint of the scope (optional)")
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--count", type=int, required=True, help="data messages to receive")
+    ap.add_argument("--timeout", type=float, required=True, help="seconds, for everything")
+    a = ap.parse_args()
+
+    try:
+        subject = subject_of(a.namespace, a.component, a.endpoint, a.topic)
+    except ValueError as e:
+        fail(1, str(e))
+    deadline = time.monotonic() + a.timeout
+    hostname = socket.gethostname()
+    sub_prefix = subject.encode("ascii") + b"\x00"
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.SUBSCRIBE, sub_prefix)
+    connected = set()
+
+    def connect_new():
+        for endpoint in live_publishers(a.discovery_dir, subject, hostname):
+            if endpoint not in connected:
+                sock.connect(endpoint)
+                connected.add(endpoint)
+
+    tracker = Tracker()
+    messages = []
+    try:
+        # Find at least one publisher, then say so.
+        while True:
+            connect_new()
+            if connected:
+                break
+            if time.monotonic() >= deadline:
+                fail(2, f"timeout: no live publisher of {subject} in {a.discovery_dir} "
+                        f"within {a.timeout} s")
+            time.sleep(0.05)
+        print(json.dumps({"ready": True}), flush=True)
+
+        next_scan = time.monotonic() + RESCAN_S
+        while len(messages) < a.count:
+            now = time.monotonic()
+            if now >= deadline:
+                fail(2, f"timeout: {len(messages)} of {a.count} data messages on {subject} "
+                        f"within {a.timeout} s ({tracker.heartbeats} heartbeats, "
+                        f"{len(connected)} publisher endpoint(s))")
+            if now >= next_scan:
+                connect_new()  # publishers that appeared since
+                next_scan = now + RESCAN_S
+            wait_ms = max(1, int(min(deadline - now, RESCAN_S) * 1000))
+            if not sock.poll(wait_ms, zmq.POLLIN):
+                continue
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            # §5.2: one frame, <subject> NUL <envelope>.
+            if len(frames) != 1:
+                raise Violation(f"message of {len(frames)} frames; exactly 1 expected")
+            frame = frames[0]
+            if not frame.startswith(sub_prefix):
+                raise Violation(f"frame does not start with the subject and NUL: {frame[:64]!r}")
+            kind, pub_id, inc, seq, ts, payload = decode_envelope(frame[len(sub_prefix):], subject)
+            if not tracker.observe(kind, pub_id, inc, seq):
+                continue
+            try:
+                value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            except Exception as e:
+                raise Violation(f"payload of {pub_id}#{seq} is not MessagePack: {e!r}")
+            messages.append({
+                "publisher_id": pub_id,
+                "incarnation": inc,
+                "seq": seq,
+                "timestamp_ns": ts,
+                "value": json_safe(value),
+            })
+    except Violation as e:
+        fail(1, f"wire-format violation on {subject}: {e}")
+    finally:
+        sock.close(0)
+        ctx.term()
+
+    print(json.dumps({
+        "subject": subject,
+        "messages": messages,
+        "heartbeats": tracker.heartbeats,
+        "gaps": tracker.gaps,
+        "lost": tracker.lost,
+        "late": tracker.late,
+        "duplicates": tracker.duplicates,
+        "restarts": tracker.restarts,
+        "stale": tracker.stale,
+        "endpoints": sorted(connected),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
