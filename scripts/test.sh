@@ -41,10 +41,12 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 # --- tests ------------------------------------------------------------------
 if cargo nextest --version >/dev/null 2>&1; then
-  say "cargo nextest run"
-  cargo nextest run --workspace --no-fail-fast
+  # Doc tests first (nextest does not run them), so that the run ends with
+  # nextest's summary of every other test.
   say "doc tests"
   cargo test --workspace --doc --quiet
+  say "cargo nextest run"
+  cargo nextest run --workspace --no-fail-fast
 else
   say "cargo test (install cargo-nextest for a faster, clearer run)"
   cargo test --workspace --no-fail-fast

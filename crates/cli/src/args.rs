@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// eventplane: the event plane for distributed LLM serving. Workers publish
 /// KV-cache events, load metrics and active sequences; routers subscribe.
 #[derive(Debug, Parser)]
-#[command(name = "eventplane", version, about, long_about = None)]
+#[command(name = "eventplane", version)]
 pub struct Cli {
     /// Log level for messages on stderr (error, warn, info, debug, trace), or a
     /// tracing filter; EVENTPLANE_LOG overrides it.

@@ -6,7 +6,8 @@
 //!
 //! 1. **Sustained throughput**: the highest offered rate at which the
 //!    subscriber receives every message. Found by bisection between 0 and
-//!    the publisher's unpaced rate, with trials of `--trial-s` seconds.
+//!    the publisher's unpaced rate, with trials of `--trial-s` seconds (a
+//!    failed trial is tried once more before the rate counts as too high).
 //! 2. **Past it**: an unpaced trial, where the publisher outruns the
 //!    subscriber. For eventplane, every lost message must be reported by
 //!    sequence tracking (`unreported` must be 0); raw libzmq loses silently,
@@ -15,8 +16,12 @@
 //!    msg/s): publish → receive, p50 / p99 / p99.9, from the publisher's
 //!    timestamp to the moment the application gets the message.
 //!
-//! Raw libzmq uses the same high-water marks, payload sizes and pacing, one
-//! frame per message carrying only the bench's counter and timestamp.
+//! Raw libzmq uses the same high-water marks, payload sizes and pacing: one
+//! frame per message, a topic as long as ours (subscribed to, so it is
+//! filtered as ours is), then the payload, which carries the bench's counter
+//! and timestamp. Latency runs alternate between the transports, three
+//! rounds, and report each percentile's median, so that a noisy moment of
+//! the machine does not land on one transport only.
 
 use anyhow::{bail, Context};
 use eventplane::{Config, DiscoveryKind, Event, EventPlane, Identity, Scope, TransportKind};
@@ -36,6 +41,13 @@ use crate::pace::Pacer;
 /// How long the subscriber waits with nothing arriving before it decides the
 /// rest of a trial is lost.
 const QUIET: Duration = Duration::from_millis(500);
+
+/// The raw baseline's topic: as long as an eventplane subject with its NUL,
+/// and filtered by the subscriber the same way, so both pay for matching.
+const RAW_TOPIC: &[u8] = b"ep.bench.transport.t1\0";
+
+/// Latency rounds per transport; each percentile reported is their median.
+const LATENCY_ROUNDS: usize = 3;
 
 /// What one trial asks for.
 #[derive(Debug, Clone, Copy)]
@@ -92,22 +104,63 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let hwm = Config::from_env()?.hwm;
     let mut rows = Vec::new();
     for &size in &a.sizes {
-        for &t in &a.transports {
-            let modes: &[Mode] = match (t, a.two_process) {
-                (BenchTransport::Mem, _) | (_, false) => &[Mode::OneProcess],
-                _ => &[Mode::OneProcess, Mode::TwoProcess],
-            };
-            for &mode in modes {
-                let mut rig = Rig {
+        for mode in [Mode::OneProcess, Mode::TwoProcess] {
+            if mode == Mode::TwoProcess && !a.two_process {
+                continue;
+            }
+            let mut rigs: Vec<Rig> = a
+                .transports
+                .iter()
+                .filter(|&&t| !(mode == Mode::TwoProcess && t == BenchTransport::Mem))
+                .map(|&t| Rig {
                     transport: t,
                     mode,
                     hwm,
                     seq: 0,
+                })
+                .collect();
+            let mut group = Vec::new();
+            for rig in &mut rigs {
+                let what = format!("{} {mode:?} {size} B", name(rig.transport));
+                group.push(
+                    throughput(rig, size, &a)
+                        .await
+                        .with_context(|| what.clone())?,
+                );
+            }
+            // Latency: rounds alternate between the transports.
+            let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
+            let mut lost = vec![0u64; rigs.len()];
+            for _ in 0..LATENCY_ROUNDS {
+                for (k, rig) in rigs.iter_mut().enumerate() {
+                    let spec = Spec {
+                        size,
+                        count: (a.latency_rate as f64 * a.latency_s) as u64,
+                        rate: a.latency_rate as f64,
+                    };
+                    let t = rig
+                        .trial(spec)
+                        .await
+                        .with_context(|| format!("{} latency", name(rig.transport)))?;
+                    let q =
+                        |p: f64| (t.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
+                    samples[k].push([q(0.5), q(0.99), q(0.999)]);
+                    lost[k] += t.lost();
+                }
+            }
+            for (k, mut row) in group.into_iter().enumerate() {
+                let median = |i: usize| {
+                    let mut v: Vec<f64> = samples[k].iter().map(|s| s[i]).collect();
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
                 };
-                let row = measure(&mut rig, size, &a)
-                    .await
-                    .with_context(|| format!("{} {mode:?} {size} B", name(t)))?;
-                eprintln!("{}", row);
+                row["latency_rate"] = json!(a.latency_rate);
+                row["latency_lost"] = json!(lost[k]);
+                row["p50_us"] = json!(median(0));
+                row["p99_us"] = json!(median(1));
+                row["p99_9_us"] = json!(median(2));
+                row["latency_rounds"] = json!(samples[k]);
+                eprintln!("{row}");
                 rows.push(row);
             }
         }
@@ -186,7 +239,12 @@ fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
     }
 }
 
-async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+/// Sustained throughput (bisection) and the unpaced trial.
+async fn throughput(
+    rig: &mut Rig,
+    size: usize,
+    a: &BenchArgs,
+) -> anyhow::Result<serde_json::Value> {
     // Unpaced: the publisher's top speed, and what happens past the
     // subscriber's capacity.
     let probe = rig
@@ -231,7 +289,20 @@ async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<se
                 })
                 .await?;
             let achieved = t.sent as f64 / t.send_s.max(1e-9);
-            if t.lost() == 0 && achieved >= rate * 0.97 {
+            let mut passed = t.lost() == 0 && achieved >= rate * 0.97;
+            if !passed {
+                // One retry, for every transport alike: a single noisy second
+                // of a shared machine should not decide the result.
+                let t = rig
+                    .trial(Spec {
+                        size,
+                        count: ((rate * a.trial_s) as u64).max(1_000),
+                        rate,
+                    })
+                    .await?;
+                passed = t.lost() == 0 && t.sent as f64 / t.send_s.max(1e-9) >= rate * 0.97;
+            }
+            if passed {
                 lo = rate;
             } else {
                 hi = rate;
@@ -239,14 +310,6 @@ async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<se
         }
     }
 
-    let lat = rig
-        .trial(Spec {
-            size,
-            count: (a.latency_rate as f64 * a.latency_s) as u64,
-            rate: a.latency_rate as f64,
-        })
-        .await?;
-    let q = |p: f64| (lat.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
     Ok(json!({
         "transport": name(rig.transport),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
@@ -254,11 +317,6 @@ async fn measure(rig: &mut Rig, size: usize, a: &BenchArgs) -> anyhow::Result<se
         "hwm": rig.hwm,
         "sustained_msg_s": lo.round(),
         "unpaced": past,
-        "latency_rate": a.latency_rate,
-        "latency_lost": lat.lost(),
-        "p50_us": q(0.5),
-        "p99_us": q(0.99),
-        "p99_9_us": q(0.999),
     }))
 }
 
@@ -357,14 +415,22 @@ impl Rig {
                     ])
                     .env("DYN_EVENT_PLANE_HWM", self.hwm.to_string())
                     .env("EVENTPLANE_LOG", "warn")
+                    .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()?;
                 let out = child.stdout.take().expect("piped");
+                let release = child.stdin.take().expect("piped");
                 let done = done.clone();
                 std::thread::spawn(move || {
                     let r = read_peer(out);
-                    let _ = child.wait();
                     done.store(true, Ordering::Release);
+                    // The peer stays alive (heartbeating) until its stdin
+                    // closes, after the subscriber has accounted for everything.
+                    while done.load(Ordering::Acquire) {
+                        std::thread::park();
+                    }
+                    drop(release);
+                    let _ = child.wait();
                     r
                 })
             }
@@ -456,7 +522,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
     let ctx = zmq::Context::new();
     let sub = ctx.socket(zmq::SUB)?;
     sub.set_rcvhwm(hwm)?;
-    sub.set_subscribe(b"")?;
+    sub.set_subscribe(RAW_TOPIC)?;
     sub.set_rcvtimeo(50)?;
     let done = Arc::new(AtomicBool::new(false));
     let sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>> = match mode {
@@ -538,8 +604,9 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
         match sub.recv(&mut msg, 0) {
             Ok(()) => {
                 received += 1;
-                if msg.len() >= 16 {
-                    let ts = u64::from_le_bytes(msg[8..16].try_into().expect("8 bytes"));
+                let t = RAW_TOPIC.len();
+                if msg.len() >= t + 16 {
+                    let ts = u64::from_le_bytes(msg[t + 8..t + 16].try_into().expect("8 bytes"));
                     let _ = latency_ns.record(unix_nanos().saturating_sub(ts).max(1));
                 }
                 last_progress = Instant::now();
@@ -565,14 +632,15 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
 }
 
 fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
-    let mut payload = raw_payload(spec.size, 0);
+    let t = RAW_TOPIC.len();
+    let mut frame = [RAW_TOPIC, &raw_payload(spec.size, 0)].concat();
     let pacer = Pacer::new(spec.rate);
     let start = Instant::now();
     for k in 0..spec.count {
         pacer.wait_for(k);
-        payload[..8].copy_from_slice(&k.to_le_bytes());
-        payload[8..16].copy_from_slice(&unix_nanos().to_le_bytes());
-        publ.send(&payload[..spec.size.max(16)], zmq::DONTWAIT)?;
+        frame[t..t + 8].copy_from_slice(&k.to_le_bytes());
+        frame[t + 8..t + 16].copy_from_slice(&unix_nanos().to_le_bytes());
+        publ.send(&frame[..], zmq::DONTWAIT)?;
     }
     Ok((spec.count, start.elapsed().as_secs_f64()))
 }
@@ -615,7 +683,21 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
             {
                 bail!("no subscriber joined");
             }
-            tokio::task::spawn_blocking(move || send_plane(&publisher, spec)).await??
+            let (sent, publisher) =
+                tokio::task::spawn_blocking(move || (send_plane(&publisher, spec), publisher))
+                    .await?;
+            let sent = sent?;
+            println!(
+                "{}",
+                json!({"type": "done", "sent": sent.0, "send_s": sent.1})
+            );
+            // Keep publishing heartbeats until the parent closes our stdin.
+            tokio::task::spawn_blocking(|| {
+                std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
+            })
+            .await??;
+            drop(publisher);
+            return Ok(());
         }
         BenchTransport::Mem => bail!("the in-process transport has no second process"),
     };

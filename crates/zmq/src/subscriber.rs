@@ -27,8 +27,10 @@ use tokio::sync::mpsc;
 
 use crate::{discovery_prefix, zmq_err, Advertisement, ZmqError, ZmqOptions};
 
-/// How long after a publisher leaves discovery its connection is closed.
-pub const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// How long after a publisher leaves discovery its connection is closed: a
+/// little longer than a closing publisher lingers to deliver what it queued
+/// ([`crate::ZmqOptions::linger`], 2 s by default).
+pub const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
 
 /// Most messages handed to the subscriber in one batch.
 const BATCH_MESSAGES: usize = 1024;
