@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use crate::name::Channel;
 use crate::publisher::{FrameSink, Identity, Publisher, SendError, WeakPublisher};
@@ -22,10 +23,21 @@ struct Topic {
     publishers: Mutex<Vec<WeakPublisher>>,
 }
 
+/// How often the bus's heartbeat thread looks for idle publishers.
+const HEARTBEAT_TICK: Duration = Duration::from_millis(100);
+
 /// An in-process bus. Clones share the same bus.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemBus {
     topics: Arc<Mutex<HashMap<Arc<str>, Arc<Topic>>>>,
+    heartbeat_interval: Duration,
+    heartbeats: Arc<std::sync::Once>,
+}
+
+impl Default for MemBus {
+    fn default() -> Self {
+        Self::with_heartbeat_interval(Duration::from_secs(1))
+    }
 }
 
 impl std::fmt::Debug for MemBus {
@@ -79,6 +91,42 @@ impl MemBus {
         Self::default()
     }
 
+    /// A new, empty bus whose idle publishers heartbeat every `interval`.
+    pub fn with_heartbeat_interval(interval: Duration) -> Self {
+        Self {
+            topics: Arc::default(),
+            heartbeat_interval: interval,
+            heartbeats: Arc::new(std::sync::Once::new()),
+        }
+    }
+
+    /// Starts, once per bus, the thread that makes idle publishers send
+    /// heartbeats (so a subscriber that lost the end of a stream learns of it).
+    /// It holds the bus weakly and ends with it.
+    fn start_heartbeats(&self) {
+        let topics = Arc::downgrade(&self.topics);
+        let interval_ns = self.heartbeat_interval.as_nanos() as u64;
+        self.heartbeats.call_once(|| {
+            let spawned = std::thread::Builder::new().name("ep-mem-heartbeat".into()).spawn(move || loop {
+                std::thread::sleep(HEARTBEAT_TICK);
+                let Some(topics) = topics.upgrade() else { return };
+                let live: Vec<Arc<Topic>> = topics.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                drop(topics);
+                let now = crate::envelope::unix_nanos();
+                for topic in live {
+                    let pubs: Vec<Publisher> =
+                        topic.publishers.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(WeakPublisher::upgrade).collect();
+                    for p in pubs {
+                        p.heartbeat_if_idle(now, interval_ns);
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "in-process bus: no heartbeat thread; tail loss shows only with the next message");
+            }
+        });
+    }
+
     fn topic(&self, channel: &Channel) -> Arc<Topic> {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         topics.entry(channel.subject_arc()).or_default().clone()
@@ -91,6 +139,7 @@ impl MemBus {
         identity: Identity,
         max_message_bytes: usize,
     ) -> Publisher {
+        self.start_heartbeats();
         let topic = self.topic(channel);
         let publisher = Publisher::new(
             channel.clone(),
@@ -224,5 +273,33 @@ mod tests {
             }
         }
         assert_eq!(fast_got, 100);
+    }
+
+    #[tokio::test]
+    async fn idle_heartbeats_reveal_tail_loss() {
+        let bus = MemBus::with_heartbeat_interval(Duration::from_millis(50));
+        let ch = Scope::new("n", "c").unwrap().channel("t").unwrap();
+        let p = bus.publisher(&ch, Identity::new(1), 1 << 20);
+        let mut sub = bus.subscriber(
+            &ch,
+            QueueLimits {
+                max_bytes: 1 << 20,
+                max_batches: 4,
+            },
+        );
+        for _ in 0..20 {
+            p.publish_bytes(b"x").unwrap();
+        }
+        // No explicit heartbeat: the bus's idle heartbeat must reveal the loss.
+        let mut delivered = 0;
+        while sub.stats().sequence.lost + delivered < 20 {
+            match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
+                Ok(Some(Event::Message(_))) => delivered += 1,
+                Ok(Some(_)) => {}
+                other => panic!("no heartbeat revealed the loss: {other:?}"),
+            }
+        }
+        assert_eq!(sub.stats().sequence.lost, sub.stats().queue_dropped);
+        assert!(delivered < 20);
     }
 }

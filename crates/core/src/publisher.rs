@@ -297,6 +297,14 @@ impl Publisher {
             .seq
     }
 
+    /// Sends a heartbeat if nothing has been sent for `interval_ns` before
+    /// `now_ns`; returns whether it did. Transports call it periodically so
+    /// that silence is never mistaken for idleness, and so that a subscriber
+    /// learns of loss at the tail of a stream.
+    pub fn heartbeat_if_idle(&self, now_ns: u64, interval_ns: u64) -> bool {
+        self.idle_ns(now_ns) >= interval_ns && self.heartbeat().is_ok()
+    }
+
     /// Nanoseconds since anything (data or heartbeat) was sent, at `now_ns`.
     pub fn idle_ns(&self, now_ns: u64) -> u64 {
         let last = self

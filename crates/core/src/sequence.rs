@@ -268,7 +268,7 @@ impl SequenceTracker {
     pub fn observe(&mut self, h: &Header, now_ns: u64, out: &mut Vec<Notice>) -> Verdict {
         let (pid, inc, seq) = (h.publisher_id, h.incarnation, h.seq);
         let is_data = h.kind == Kind::Data;
-        if !self.tracks.contains_key(&pid) {
+        let Some(t) = self.tracks.get_mut(&pid) else {
             self.make_room();
             self.tracks.insert(pid, Track::new(inc, seq, now_ns));
             out.push(Notice::Joined {
@@ -276,10 +276,9 @@ impl SequenceTracker {
                 incarnation: inc,
                 seq,
             });
-            return self.accept(is_data, false);
-        }
+            return accept(&mut self.counters, is_data, false);
+        };
         let c = &mut self.counters;
-        let t = self.tracks.get_mut(&pid).expect("checked above");
         t.last_heard_ns = now_ns;
         t.silent_reported = false;
         if inc != t.incarnation {
@@ -301,7 +300,7 @@ impl SequenceTracker {
                 seq,
             });
             *t = Track::new(inc, seq, now_ns);
-            return self.accept(is_data, false);
+            return accept(c, is_data, false);
         }
         if seq > t.highest {
             if seq > t.highest + 1 {
@@ -328,11 +327,11 @@ impl SequenceTracker {
                 });
             }
             t.advance(seq, is_data);
-            return self.accept(is_data, false);
+            return accept(c, is_data, false);
         }
         if !is_data {
             // A heartbeat at or below what we have seen tells nothing new.
-            return self.accept(false, false);
+            return accept(c, false, false);
         }
         if t.highest - seq >= WINDOW {
             c.too_old += 1;
@@ -360,7 +359,7 @@ impl SequenceTracker {
             incarnation: inc,
             seq,
         });
-        self.accept(true, true)
+        accept(c, true, true)
     }
 
     /// Reports, once per silence, every publisher not heard from for at least
@@ -379,16 +378,6 @@ impl SequenceTracker {
         }
     }
 
-    fn accept(&mut self, is_data: bool, late: bool) -> Verdict {
-        if is_data {
-            self.counters.delivered += 1;
-            Verdict::Deliver { late }
-        } else {
-            self.counters.heartbeats += 1;
-            Verdict::Heartbeat
-        }
-    }
-
     fn make_room(&mut self) {
         if self.tracks.len() < self.max_publishers {
             return;
@@ -397,6 +386,17 @@ impl SequenceTracker {
             self.tracks.remove(&oldest);
             self.counters.evicted += 1;
         }
+    }
+}
+
+/// Counts an accepted envelope and says what to do with it.
+fn accept(c: &mut SequenceCounters, is_data: bool, late: bool) -> Verdict {
+    if is_data {
+        c.delivered += 1;
+        Verdict::Deliver { late }
+    } else {
+        c.heartbeats += 1;
+        Verdict::Heartbeat
     }
 }
 

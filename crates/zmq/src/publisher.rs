@@ -176,10 +176,12 @@ fn drive(
             subs.send_replace(subscribed);
             tracing::debug!(channel = %publisher.channel(), joined, "subscriber joined; sending a welcome heartbeat");
         }
-        if joined > 0 || publisher.idle_ns(unix_nanos()) >= interval.as_nanos() as u64 {
-            if let Err(e) = publisher.heartbeat() {
-                tracing::debug!(error = %e, "heartbeat not sent");
-            }
-        }
+        // A new subscriber is welcomed at once; otherwise only when idle.
+        let interval_ns = if joined > 0 {
+            0
+        } else {
+            interval.as_nanos() as u64
+        };
+        publisher.heartbeat_if_idle(unix_nanos(), interval_ns);
     }
 }
