@@ -81,6 +81,9 @@ pub struct ZmqSource {
     sub: zmq::Socket,
     commands: mpsc::Receiver<Command>,
     connected: HashSet<String>,
+    /// The last read ended with an empty socket: wait for its signal before
+    /// reading again.
+    drained: bool,
     prefix: Vec<u8>,
     max_bytes: usize,
     counters: Arc<SourceCounters>,
@@ -132,6 +135,7 @@ pub async fn subscribe_to(
         sub,
         commands,
         connected: HashSet::new(),
+        drained: false,
         prefix: crate::frame_prefix(channel),
         max_bytes: opts.max_message_bytes,
         counters,
@@ -256,9 +260,11 @@ impl ZmqSource {
         let mut batch = Vec::new();
         let mut arena = bytes::BytesMut::new();
         let mut small = Vec::new();
+        self.drained = false;
         while batch.len() < BATCH_MESSAGES {
             let mut msg = zmq::Message::new();
             if self.sub.recv(&mut msg, zmq::DONTWAIT).is_err() {
+                self.drained = true;
                 break;
             }
             let mut size = msg.len();
@@ -328,8 +334,10 @@ impl FrameSource for ZmqSource {
             }
         }
         loop {
-            if let Some(batch) = self.read_batch() {
-                return Poll::Ready(Some(SourceItem::Batch(batch)));
+            if !self.drained {
+                if let Some(batch) = self.read_batch() {
+                    return Poll::Ready(Some(SourceItem::Batch(batch)));
+                }
             }
             match self.signal.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -339,9 +347,14 @@ impl FrameSource for ZmqSource {
                 }
                 Poll::Ready(Ok(mut ready)) => {
                     // The signal fd is edge-like: clear our readiness, then
-                    // read ZMQ_EVENTS (which re-arms it) before reading again.
+                    // read ZMQ_EVENTS (which re-arms it). Only when it says a
+                    // message is waiting do we call recv again: every empty
+                    // recv costs libzmq a system call.
                     ready.clear_ready();
-                    let _ = self.sub.get_events();
+                    match self.sub.get_events() {
+                        Ok(events) if !events.contains(zmq::POLLIN) => {}
+                        _ => self.drained = false,
+                    }
                 }
             }
         }
