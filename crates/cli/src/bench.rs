@@ -281,26 +281,20 @@ async fn throughput(
     } else {
         for _ in 0..7 {
             let rate = if lo == 0.0 { hi / 2.0 } else { (lo + hi) / 2.0 };
-            let t = rig
-                .trial(Spec {
+            // Two tries, for every transport alike: a single noisy second of
+            // a shared machine should not decide the result.
+            let mut passed = false;
+            for _ in 0..2 {
+                let spec = Spec {
                     size,
                     count: ((rate * a.trial_s) as u64).max(1_000),
                     rate,
-                })
-                .await?;
-            let achieved = t.sent as f64 / t.send_s.max(1e-9);
-            let mut passed = t.lost() == 0 && achieved >= rate * 0.97;
-            if !passed {
-                // One retry, for every transport alike: a single noisy second
-                // of a shared machine should not decide the result.
-                let t = rig
-                    .trial(Spec {
-                        size,
-                        count: ((rate * a.trial_s) as u64).max(1_000),
-                        rate,
-                    })
-                    .await?;
-                passed = t.lost() == 0 && t.sent as f64 / t.send_s.max(1e-9) >= rate * 0.97;
+                };
+                let t = rig.trial(spec).await?;
+                if t.lost() == 0 && t.sent as f64 / t.send_s.max(1e-9) >= rate * 0.97 {
+                    passed = true;
+                    break;
+                }
             }
             if passed {
                 lo = rate;

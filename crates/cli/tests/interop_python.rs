@@ -8,96 +8,18 @@
 //! (created by `scripts/test.sh`). Without either the test is skipped, unless
 //! `CI` is set, where it fails.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
-/// How long any one expected line may take.
-const WAIT: Duration = Duration::from_secs(30);
+use common::Proc;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
 const COUNT: u64 = 50;
 const PUBLISHER_ID: u64 = 77;
 const NAMESPACE: &str = "dynamo";
 const COMPONENT: &str = "comp";
 const TOPIC: &str = "topic-x";
 const VALUE: &str = r#"{"blocks":[1,2,18446744073709551615],"name":"w1"}"#;
-
-/// A child process, killed and reaped when dropped (also on panic).
-struct Guard {
-    name: &'static str,
-    child: Child,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, cmd: &mut Command) -> (Guard, mpsc::Receiver<String>) {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let lines = read_lines(child.stdout.take().expect("piped stdout"));
-        (Guard { name, child }, lines)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Waits for the process to exit by itself, at most [`WAIT`].
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Stdout lines, read on a thread so waits can time out.
-fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// The next JSON line satisfying `pred`, skipping others; panics after [`WAIT`].
-fn until(
-    name: &str,
-    lines: &mpsc::Receiver<String>,
-    mut pred: impl FnMut(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("{name}: expected line not seen within {WAIT:?} ({e})"));
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("{name}: stdout line is not JSON ({e}): {line}"));
-        if pred(&v) {
-            return v;
-        }
-    }
-}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -145,7 +67,7 @@ fn python_subscriber_written_from_the_spec_receives_everything() {
     assert!(script.exists(), "{} is missing", script.display());
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let (mut publisher, pub_lines) = Guard::spawn(
+    let publisher = Proc::spawn(
         "publisher",
         Command::new(env!("CARGO_BIN_EXE_eventplane"))
             .args(["publish", "--discovery", "file", "--discovery-dir"])
@@ -170,7 +92,7 @@ fn python_subscriber_written_from_the_spec_receives_everything() {
             .args(["--wait-subscribers", "1", "--hold"])
             .env("EVENTPLANE_LOG", "warn"),
     );
-    let ready = until("publisher", &pub_lines, |l| l["type"] == "ready");
+    let ready = publisher.until_type("ready");
     assert_eq!(ready["publisher_id"], PUBLISHER_ID, "ready line: {ready}");
     let incarnation = ready["incarnation"]
         .as_u64()
@@ -180,7 +102,7 @@ fn python_subscriber_written_from_the_spec_receives_everything() {
         .expect("subject in the ready line")
         .to_owned();
 
-    let (mut subscriber, sub_lines) = Guard::spawn(
+    let mut subscriber = Proc::spawn(
         "python subscriber",
         Command::new(&python)
             .arg(&script)
@@ -196,16 +118,14 @@ fn python_subscriber_written_from_the_spec_receives_everything() {
             ])
             .args(["--count", &COUNT.to_string(), "--timeout", "30"]),
     );
-    until("python subscriber", &sub_lines, |l| l["ready"] == true);
-    let result = until("python subscriber", &sub_lines, |l| {
-        l.get("messages").is_some()
-    });
+    subscriber.until(|l| l["ready"] == true, |_| {});
+    let result = subscriber.until(|l| l.get("messages").is_some(), |_| {});
     let status = subscriber.wait();
     assert!(status.success(), "python subscriber exited with {status}");
 
-    let published = until("publisher", &pub_lines, |l| l["type"] == "published");
+    let published = publisher.until_type("published");
     assert_eq!(published["count"], COUNT, "published line: {published}");
-    publisher.kill();
+    drop(publisher);
 
     assert_eq!(
         result["subject"],

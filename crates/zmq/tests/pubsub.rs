@@ -156,19 +156,20 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
 
     let prefix = eventplane_zmq::frame_prefix(&ch);
     let framed = |envelope: &[u8]| [&prefix[..], envelope].concat();
-    let mut valid = Vec::new();
-    eventplane_core::envelope::encode(
-        &eventplane_core::Header {
+    // A well-formed envelope from the rogue's publisher id, on `subject`.
+    let envelope_on = |subject: &str| {
+        let mut buf = Vec::new();
+        let header = eventplane_core::Header {
             kind: eventplane_core::Kind::Data,
             publisher_id: 666,
             incarnation: 1,
             seq: 1,
             timestamp_ns: 0,
-        },
-        ch.subject(),
-        b"x",
-        &mut valid,
-    );
+        };
+        eventplane_core::envelope::encode(&header, subject, b"x", &mut buf);
+        buf
+    };
+    let valid = envelope_on(ch.subject());
     rogue
         .send_multipart([&prefix[..], b"two frames".as_slice()], 0)
         .unwrap(); // multipart
@@ -180,19 +181,7 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
         .send([ch.subject().as_bytes(), b"-more\0x"].concat(), 0)
         .unwrap(); // filtered by ZMQ: not counted
     rogue.send(&prefix[..prefix.len() - 1], 0).unwrap(); // prefix without its NUL: filtered by ZMQ
-    let mut other = Vec::new();
-    eventplane_core::envelope::encode(
-        &eventplane_core::Header {
-            kind: eventplane_core::Kind::Data,
-            publisher_id: 666,
-            incarnation: 1,
-            seq: 1,
-            timestamp_ns: 0,
-        },
-        "ep.other.subject.x",
-        b"x",
-        &mut other,
-    );
+    let other = envelope_on("ep.other.subject.x");
     rogue.send(framed(&other), 0).unwrap(); // wrong subject inside
     rogue.send(framed(&valid), 0).unwrap(); // well formed: delivered
 

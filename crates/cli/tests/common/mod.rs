@@ -32,14 +32,21 @@ impl Proc {
             .env("DYN_DISCOVERY_BACKEND", "file")
             .env("DYN_DISCOVERY_DIR", dir)
             .env("DYN_EVENT_PLANE", "zmq")
-            .env("EVENTPLANE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env("EVENTPLANE_LOG", "warn");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("start eventplane");
+        Self::spawn(name, &mut cmd)
+    }
+
+    /// Starts any command whose stdout is JSON lines.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         let tag = name.to_owned();
