@@ -389,26 +389,8 @@ impl Rig {
                 })
             }
             Mode::TwoProcess => {
-                let mut child = Command::new(std::env::current_exe()?)
-                    .args([
-                        "bench-peer",
-                        "--transport",
-                        "zmq",
-                        "--topic",
-                        channel.topic(),
-                        "--target",
-                    ])
-                    .arg(dir.path())
-                    .args([
-                        "--size",
-                        &spec.size.to_string(),
-                        "--count",
-                        &spec.count.to_string(),
-                        "--rate",
-                        &spec.rate.to_string(),
-                    ])
-                    .env("DYN_EVENT_PLANE_HWM", self.hwm.to_string())
-                    .env("EVENTPLANE_LOG", "warn")
+                let mut child = peer_command("zmq", dir.path().as_os_str(), spec, self.hwm)?
+                    .args(["--topic", channel.topic()])
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()?;
@@ -497,6 +479,29 @@ fn send_plane(publisher: &eventplane::Publisher, spec: Spec) -> anyhow::Result<(
     Ok((spec.count, send_s))
 }
 
+/// The command that runs the remote half of a two-process trial.
+fn peer_command(
+    transport: &str,
+    target: &std::ffi::OsStr,
+    spec: Spec,
+    hwm: i32,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench-peer", "--transport", transport, "--target"])
+        .arg(target)
+        .args([
+            "--size",
+            &spec.size.to_string(),
+            "--count",
+            &spec.count.to_string(),
+            "--rate",
+            &spec.rate.to_string(),
+        ])
+        .env("DYN_EVENT_PLANE_HWM", hwm.to_string())
+        .env("EVENTPLANE_LOG", "warn");
+    Ok(cmd)
+}
+
 fn read_peer(out: std::process::ChildStdout) -> anyhow::Result<(u64, f64)> {
     for line in BufReader::new(out).lines() {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
@@ -537,23 +542,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             })
         }
         Mode::TwoProcess => {
-            let mut child = Command::new(std::env::current_exe()?)
-                .args([
-                    "bench-peer",
-                    "--transport",
-                    "raw-zmq",
-                    "--target",
-                    "tcp://127.0.0.1:*",
-                ])
-                .args([
-                    "--size",
-                    &spec.size.to_string(),
-                    "--count",
-                    &spec.count.to_string(),
-                    "--rate",
-                    &spec.rate.to_string(),
-                ])
-                .env("DYN_EVENT_PLANE_HWM", hwm.to_string())
+            let mut child = peer_command("raw-zmq", "tcp://127.0.0.1:*".as_ref(), spec, hwm)?
                 .stdout(Stdio::piped())
                 .spawn()?;
             let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
