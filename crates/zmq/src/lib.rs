@@ -19,10 +19,11 @@
 //!   moment a subscriber joins (so subscribers learn they are connected
 //!   without sleeping: the slow-joiner problem), plus a heartbeat whenever
 //!   the publisher has been idle for the heartbeat interval.
-//! - Subscriber: a **SUB** socket owned by one thread, which drains it in
-//!   batches into the subscriber's bounded queue, and takes connect /
-//!   disconnect commands from the discovery watcher over an in-process PAIR
-//!   socket.
+//! - Subscriber: a **SUB** socket read by the subscriber itself when the
+//!   application asks for the next event (waiting on the socket's signal fd
+//!   in the async reactor: no reader thread, one wake-up per message burst).
+//!   A discovery watcher task sends it connect / disconnect commands over a
+//!   bounded channel; they are carried out at the next receive.
 //!
 //! ## Frames
 //!

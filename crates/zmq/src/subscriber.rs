@@ -9,6 +9,10 @@
 //! receive buffer, bounded by the receive high-water mark, from where it
 //! backs up to the publisher, which drops for this subscriber alone; sequence
 //! tracking reports each such loss as a gap.
+//!
+//! Connects and disconnects ordered by discovery are carried out when the
+//! subscriber is next polled, so a subscriber joins its publishers once the
+//! application starts receiving (a `recv` that is waiting counts).
 
 use bytes::Bytes;
 use eventplane_core::queue::{FrameSource, PublisherChange, SourceCounters, SourceItem};
