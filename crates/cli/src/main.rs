@@ -23,10 +23,15 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Benchmarks receive on one thread, as the raw libzmq baseline does; a
+    // multi-threaded runtime adds cross-thread wake-ups to every message.
+    let mut builder = match cli.command {
+        args::Command::Bench(_) | args::Command::BenchPeer(_) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
