@@ -109,7 +109,6 @@ impl EventPlane {
                     heartbeat_interval: config.heartbeat_interval,
                     lease_ttl: config.lease_ttl,
                     max_message_bytes: config.max_message_bytes,
-                    queue: config.queue,
                     ..ZmqOptions::default()
                 },
             },

@@ -51,7 +51,7 @@
 mod publisher;
 mod subscriber;
 
-use eventplane_core::{Channel, QueueLimits};
+use eventplane_core::Channel;
 use std::time::Duration;
 
 pub use publisher::publish_on;
@@ -76,8 +76,6 @@ pub struct ZmqOptions {
     pub lease_ttl: Duration,
     /// Largest envelope accepted (sent or received).
     pub max_message_bytes: usize,
-    /// Bounds of each subscriber's queue.
-    pub queue: QueueLimits,
     /// How long a closing publisher keeps trying to deliver what it queued.
     pub linger: Duration,
 }
@@ -91,7 +89,6 @@ impl Default for ZmqOptions {
             heartbeat_interval: Duration::from_secs(1),
             lease_ttl: eventplane_discovery::DEFAULT_TTL,
             max_message_bytes: eventplane_core::DEFAULT_MAX_MESSAGE_BYTES,
-            queue: QueueLimits::default(),
             linger: Duration::from_secs(2),
         }
     }
