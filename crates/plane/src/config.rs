@@ -45,7 +45,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     (
         "DYN_EVENT_PLANE_QUEUE_BYTES",
-        "bound of each subscriber's queue, in bytes",
+        "bound of each in-process subscriber's queue, in bytes (a ZMQ subscriber is bounded by its receive high-water mark)",
     ),
 ];
 
