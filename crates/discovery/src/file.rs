@@ -16,7 +16,9 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -51,6 +53,17 @@ struct FileEntry {
     ttl_ms: u64,
 }
 
+/// What identifies a version of an entry file: inode, length and creation
+/// time (when the file system records one).
+type Stamp = (u64, u64, Option<SystemTime>);
+
+/// A parsed entry, the stamp of the file it was read from, and when.
+type Cached = (Stamp, std::time::Instant, Arc<FileEntry>);
+
+/// Cached entries are read again after this long whatever their stamp says,
+/// which bounds the damage of an inode reused for a same-sized file.
+const CACHE_FOR: Duration = Duration::from_secs(2);
+
 /// Discovery through a shared directory. See the module docs.
 #[derive(Debug, Clone)]
 pub struct FileDiscovery {
@@ -58,6 +71,8 @@ pub struct FileDiscovery {
     host: Arc<str>,
     /// File names already reported as unreadable, so each is logged once.
     bad_logged: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Parsed entries by file name, with the (inode, length) they were read at.
+    cache: Arc<Mutex<HashMap<String, Cached>>>,
 }
 
 impl FileDiscovery {
@@ -69,6 +84,7 @@ impl FileDiscovery {
             dir: Arc::new(dir),
             host: hostname().into(),
             bad_logged: Arc::default(),
+            cache: Arc::default(),
         })
     }
 
@@ -120,28 +136,56 @@ impl FileDiscovery {
         let rd = std::fs::read_dir(&*self.dir).map_err(|e| io_err(&self.dir, e))?;
         let now = SystemTime::now();
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for dent in rd.flatten() {
             let name = dent.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with('.') || !name.ends_with(SUFFIX) {
                 continue;
             }
+            seen.insert(name.to_owned());
             let path = dent.path();
-            let (Ok(meta), Ok(bytes)) = (std::fs::metadata(&path), std::fs::read(&path)) else {
+            let Ok(meta) = std::fs::metadata(&path) else {
                 continue; // removed between listing and reading
             };
-            let entry: FileEntry = match serde_json::from_slice(&bytes) {
-                Ok(e) => e,
-                Err(e) => {
-                    if self
-                        .bad_logged
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.to_owned())
-                    {
-                        tracing::warn!(path = %path.display(), error = %e, "unreadable discovery entry ignored");
+            // Entries are replaced by rename (a new inode) and kept alive by
+            // touching: an unchanged inode and length means unchanged content,
+            // so a scan of a large directory reads only what changed.
+            let stamp = (meta.ino(), meta.len(), meta.created().ok());
+            let cached = self
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .filter(|(s, at, _)| *s == stamp && at.elapsed() < CACHE_FOR)
+                .map(|(_, _, e)| e.clone());
+            let entry = match cached {
+                Some(entry) => entry,
+                None => {
+                    let Ok(bytes) = std::fs::read(&path) else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<FileEntry>(&bytes) {
+                        Ok(e) => {
+                            let e = Arc::new(e);
+                            self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                                name.to_owned(),
+                                (stamp, std::time::Instant::now(), e.clone()),
+                            );
+                            e
+                        }
+                        Err(e) => {
+                            if self
+                                .bad_logged
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(name.to_owned())
+                            {
+                                tracing::warn!(path = %path.display(), error = %e, "unreadable discovery entry ignored");
+                            }
+                            continue;
+                        }
                     }
-                    continue;
                 }
             };
             if !entry.key.starts_with(prefix) {
@@ -156,13 +200,22 @@ impl FileDiscovery {
             if owner_dead || age > Duration::from_millis(entry.ttl_ms) {
                 tracing::debug!(key = %entry.key, pid = entry.pid, owner_dead, age_ms = age.as_millis() as u64, "expiring dead discovery entry");
                 let _ = std::fs::remove_file(&path);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
                 continue;
             }
             out.push(Entry {
-                key: entry.key,
-                value: entry.value,
+                key: entry.key.clone(),
+                value: entry.value.clone(),
             });
         }
+        // Forget files that are gone.
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| seen.contains(name));
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }

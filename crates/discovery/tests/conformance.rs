@@ -223,3 +223,26 @@ async fn file_keys_longer_than_a_file_name_work() {
         .collect();
     assert_eq!(keys, vec![long_a, long_b]);
 }
+
+#[tokio::test]
+async fn file_value_replaced_with_one_of_the_same_size_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = FileDiscovery::new(dir.path()).unwrap();
+    let _a = d
+        .register("svc/x", json!("aa"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut w = d.watch("svc/").await.unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Added(e) if e.value == json!("aa")));
+    let _b = d
+        .register("svc/x", json!("bb"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut w).await,
+        WatchEvent::Removed {
+            key: "svc/x".into()
+        }
+    );
+    assert!(matches!(next(&mut w).await, WatchEvent::Added(e) if e.value == json!("bb")));
+}
