@@ -416,29 +416,23 @@ impl Rig {
         let mut received = 0u64;
         let mut latency_ns = hist();
         let mut last_progress = Instant::now();
+        // One timer for the whole trial: a timeout per receive would put a
+        // timer registration on every message's path.
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            let lost = sub.stats().sequence.lost;
-            if received + lost >= spec.count && done.load(Ordering::Acquire) {
-                break;
-            }
-            match tokio::time::timeout(Duration::from_millis(50), sub.recv()).await {
-                Ok(Some(Event::Message(m))) => {
-                    received += 1;
-                    let now = unix_nanos();
-                    let _ = latency_ns.record(now.saturating_sub(m.meta.timestamp_ns).max(1));
-                    last_progress = Instant::now();
-                    // Drain what is ready without re-checking the clock each time.
-                    while let Some(ev) = sub.try_recv() {
-                        if let Event::Message(m) = ev {
-                            received += 1;
-                            let _ = latency_ns
-                                .record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
-                        }
+            tokio::select! {
+                biased;
+                ev = sub.recv() => match ev {
+                    Some(Event::Message(m)) => {
+                        received += 1;
+                        let _ = latency_ns.record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
+                        last_progress = Instant::now();
                     }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(_) => {
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = tick.tick() => {
                     // The publisher's idle heartbeat reveals any tail loss
                     // within its interval; wait for it before calling the
                     // rest lost.
@@ -446,6 +440,9 @@ impl Rig {
                         break;
                     }
                 }
+            }
+            if done.load(Ordering::Acquire) && received + sub.stats().sequence.lost >= spec.count {
+                break;
             }
         }
         done.store(false, Ordering::Release);
