@@ -92,14 +92,6 @@ fn name(t: BenchTransport) -> &'static str {
     }
 }
 
-/// A payload of `size` bytes starting with the bench counter and timestamp.
-fn raw_payload(size: usize, k: u64) -> Vec<u8> {
-    let mut p = vec![0u8; size.max(16)];
-    p[..8].copy_from_slice(&k.to_le_bytes());
-    p[8..16].copy_from_slice(&unix_nanos().to_le_bytes());
-    p
-}
-
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let hwm = Config::from_env()?.hwm;
     let mut rows = Vec::new();
@@ -398,7 +390,7 @@ impl Rig {
                 let release = child.stdin.take().expect("piped");
                 let done = done.clone();
                 std::thread::spawn(move || {
-                    let r = read_peer(out);
+                    let r = read_peer(BufReader::new(out).lines());
                     done.store(true, Ordering::Release);
                     // The peer stays alive (heartbeating) until its stdin
                     // closes, after the subscriber has accounted for everything.
@@ -499,8 +491,9 @@ fn peer_command(
     Ok(cmd)
 }
 
-fn read_peer(out: std::process::ChildStdout) -> anyhow::Result<(u64, f64)> {
-    for line in BufReader::new(out).lines() {
+/// Reads a bench peer's stdout until its `done` line: (sent, seconds).
+fn read_peer(lines: impl Iterator<Item = std::io::Result<String>>) -> anyhow::Result<(u64, f64)> {
+    for line in lines {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
         if v["type"] == "done" {
             return Ok((
@@ -548,25 +541,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             sub.connect(first["endpoint"].as_str().context("no endpoint")?)?;
             let done = done.clone();
             std::thread::spawn(move || {
-                let mut r = Err(anyhow::anyhow!("raw peer exited without reporting"));
-                for line in lines {
-                    let v: serde_json::Value = match line
-                        .map_err(anyhow::Error::from)
-                        .and_then(|l| Ok(serde_json::from_str(&l)?))
-                    {
-                        Ok(v) => v,
-                        Err(e) => {
-                            r = Err(e);
-                            break;
-                        }
-                    };
-                    if v["type"] == "done" {
-                        r = Ok((
-                            v["sent"].as_u64().unwrap_or(0),
-                            v["send_s"].as_f64().unwrap_or(0.0),
-                        ));
-                    }
-                }
+                let r = read_peer(lines);
                 let _ = child.wait();
                 done.store(true, Ordering::Release);
                 r
@@ -613,7 +588,9 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
 
 fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
     let t = RAW_TOPIC.len();
-    let mut frame = [RAW_TOPIC, &raw_payload(spec.size, 0)].concat();
+    // Topic, then a payload of `size` bytes (at least 16) that starts with the
+    // bench counter and timestamp, written before each send.
+    let mut frame = [RAW_TOPIC, &vec![0u8; spec.size.max(16)]].concat();
     let pacer = Pacer::new(spec.rate);
     let start = Instant::now();
     for k in 0..spec.count {

@@ -263,4 +263,15 @@ mod tests {
             (TransportKind::Zmq, DiscoveryKind::Mem, 10_000)
         );
     }
+
+    #[test]
+    fn every_variable_is_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        for (var, _) in ENV_VARS {
+            assert!(
+                readme.contains(&format!("`{var}`")),
+                "{var} is missing from the README's configuration table"
+            );
+        }
+    }
 }
