@@ -28,8 +28,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Publish a JSON value (or one per line of stdin) on a channel.
     Publish(PublishArgs),
-    /// Measure the transports.
-    Bench(BenchArgs),
+    /// Measure the transports (`bench transport`) or the KV index
+    /// (`bench index --workload FILE`).
+    Bench(BenchCommand),
     /// Internal: the remote half of a two-process benchmark.
     #[command(hide = true)]
     BenchPeer(BenchPeerArgs),
@@ -161,10 +162,19 @@ pub struct PublishArgs {
     pub hold: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Args)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub target: BenchTarget,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BenchTarget {
     /// Publisher → subscriber: sustained throughput, loss past it, latency.
-    Transport,
+    Transport(TransportBenchArgs),
+    /// Replay a KV workload (*.kvops.jsonl[.gz]) through the prefix index:
+    /// event throughput, lookup latency, memory, and the answers' fingerprint.
+    Index(IndexBenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -178,10 +188,7 @@ pub enum BenchTransport {
 }
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// What to measure.
-    #[arg(value_enum)]
-    pub target: BenchTarget,
+pub struct TransportBenchArgs {
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,4096")]
     pub sizes: Vec<usize>,
@@ -203,6 +210,22 @@ pub struct BenchArgs {
     /// Print the results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IndexBenchArgs {
+    /// The workload to replay (format: shared/workloads/FORMAT.md).
+    #[arg(long)]
+    pub workload: PathBuf,
+    /// Also run lookups without pause on a second thread (through a
+    /// lock-free reader) while the events are applied, and report their
+    /// latency too.
+    #[arg(long)]
+    pub concurrent_queries: bool,
+    /// Replay the workload this many times (fresh index each time) and report
+    /// the median run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
+    pub runs: u32,
 }
 
 #[derive(Debug, Args)]

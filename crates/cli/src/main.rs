@@ -12,6 +12,11 @@ mod tail;
 
 use clap::Parser;
 
+/// The system allocator, counting live bytes so `bench index` can report
+/// the index's memory as measured rather than estimated.
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG")
@@ -58,8 +63,11 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
     match command {
         args::Command::Tail(a) => tail::run(a).await,
         args::Command::Publish(a) => publish::run(a).await,
-        args::Command::Bench(a) => bench::run(a).await,
-        args::Command::BenchPeer(a) => bench::peer(a).await,
+        args::Command::Bench(b) => match b.target {
+            args::BenchTarget::Transport(a) => bench::transport::run(a).await,
+            args::BenchTarget::Index(a) => bench::index::run(a),
+        },
+        args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,
     }
 }

@@ -9,7 +9,7 @@
 //! identifies the whole prefix), no tree is needed: a block stored after an
 //! unknown or evicted parent, a block removed from the middle of a chain, or
 //! a worker that vanishes cannot leave anything unreachable behind. Memory is
-//! one 16-byte slot per distinct (block, table) pair at 50–80 % load.
+//! one 16-byte slot per distinct (block, table) pair at 40–70 % load.
 //!
 //! Concurrency. [`PrefixIndex`] is the single writer; [`IndexReader`]s,
 //! cloned for any number of threads, look up without locks and never wait
@@ -241,7 +241,14 @@ impl PrefixIndex {
         }
         let mut prev = parent;
         let mut added = 0u64;
-        for b in blocks {
+        let table = split(number).0;
+        for b in blocks.iter().take(WRITE_AHEAD) {
+            self.tables[table].prefetch(slot_key(b.seq.0));
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            if let Some(ahead) = blocks.get(i + WRITE_AHEAD) {
+                self.tables[table].prefetch(slot_key(ahead.seq.0));
+            }
             // The first block of a sequence cannot be checked: its hash
             // depends on a salt the index does not know.
             if prev.is_some() && chain(prev, b.local) != b.seq {
@@ -266,7 +273,14 @@ impl PrefixIndex {
             return;
         };
         let mut removed = 0u64;
-        for &seq in blocks {
+        let table = split(slot.number).0;
+        for seq in blocks.iter().take(WRITE_AHEAD) {
+            self.tables[table].prefetch(slot_key(seq.0));
+        }
+        for (i, &seq) in blocks.iter().enumerate() {
+            if let Some(ahead) = blocks.get(i + WRITE_AHEAD) {
+                self.tables[table].prefetch(slot_key(ahead.0));
+            }
             if self.remove_holder(slot.number, seq) {
                 removed += 1;
             } else {
@@ -497,10 +511,10 @@ impl PrefixIndex {
     }
 
     /// Replaces table `t` by a fresh one sized for its live entries plus
-    /// `extra`, at 50 % load, and publishes it.
+    /// `extra`, at 40 % load, and publishes it.
     fn rebuild(&mut self, t: usize, extra: usize) {
         let live = self.occupancy[t].live + extra;
-        let fresh = self.tables[t].rebuilt(live * 2);
+        let fresh = self.tables[t].rebuilt(live * 5 / 2);
         self.tables[t] = Arc::new(fresh);
         self.occupancy[t] = Occupancy {
             used: self.occupancy[t].live,
@@ -581,33 +595,79 @@ fn record(raw: &mut Vec<(u32, u32)>, t: u32, mut dropped: u64, depth: u32) {
     }
 }
 
+/// How many blocks ahead of the one being probed a lookup hashes and
+/// prefetches, at most. Must be a power of two.
+const AHEAD: usize = 16;
+/// How far ahead of the block being written an event's writes prefetch.
+const WRITE_AHEAD: usize = 8;
+
+/// The keys of a lookup's blocks, produced (hashed, if the caller chains
+/// lazily) and prefetched ahead of the probes, so the cache misses of
+/// successive blocks overlap instead of queueing one after another.
+///
+/// The distance ramps up: before probing block `d` it has produced up to
+/// `d + 1 + min(d + 1, AHEAD - 1)` keys. Most lookups stop after a block or
+/// two, so they hash little beyond what they use; a long match runs a full
+/// [`AHEAD`] blocks ahead; and no lookup produces more than twice the blocks
+/// it probes, plus one.
+struct Ahead<I> {
+    seqs: I,
+    ring: [u64; AHEAD],
+    produced: usize,
+    exhausted: bool,
+}
+
+impl<I: Iterator<Item = SeqHash>> Ahead<I> {
+    fn new(seqs: I) -> Self {
+        Ahead {
+            seqs,
+            ring: [0; AHEAD],
+            produced: 0,
+            exhausted: false,
+        }
+    }
+
+    /// The key of block `depth` (the next one to probe), if the lookup has
+    /// one; `prefetch` is called on every key as it is produced.
+    #[inline]
+    fn key(&mut self, depth: usize, prefetch: impl Fn(u64)) -> Option<u64> {
+        let want = depth + 1 + (depth + 1).min(AHEAD - 1);
+        while !self.exhausted && self.produced < want {
+            match self.seqs.next() {
+                Some(seq) => {
+                    let key = slot_key(seq.0);
+                    prefetch(key);
+                    self.ring[self.produced % AHEAD] = key;
+                    self.produced += 1;
+                }
+                None => self.exhausted = true,
+            }
+        }
+        (depth < self.produced).then(|| self.ring[depth % AHEAD])
+    }
+}
+
 /// The lookup itself: walks the blocks while any worker still holds every
 /// block so far, recording each worker's match length as it drops out.
 #[inline]
-fn walk<I>(
-    tables: &[Arc<Table>],
-    mut seqs: I,
-    raw: &mut Vec<(u32, u32)>,
-    active: &mut Vec<(u32, u64)>,
-) where
+fn walk<I>(tables: &[Arc<Table>], seqs: I, raw: &mut Vec<(u32, u32)>, active: &mut Vec<(u32, u64)>)
+where
     I: Iterator<Item = SeqHash>,
 {
     raw.clear();
     active.clear();
-    let Some(first) = seqs.next() else {
-        return;
-    };
+    let mut keys = Ahead::new(seqs);
+    // Blocks every worker in `holding` / `active` holds.
+    let mut depth = 0u32;
     if let [table] = tables {
         // One table (up to 64 ranks): the common case, kept branch-light.
-        let mut holding = table.get(slot_key(first.0));
-        let mut depth = 1;
-        if holding == 0 {
-            return;
-        }
-        for seq in seqs {
-            let still = table.get(slot_key(seq.0)) & holding;
+        let mut holding = u64::MAX;
+        while let Some(key) = keys.key(depth as usize, |k| table.prefetch(k)) {
+            let still = table.get(key) & holding;
             if still != holding {
-                record(raw, 0, holding & !still, depth);
+                if depth > 0 {
+                    record(raw, 0, holding & !still, depth);
+                }
                 holding = still;
                 if holding == 0 {
                     return;
@@ -615,33 +675,40 @@ fn walk<I>(
             }
             depth += 1;
         }
-        record(raw, 0, holding, depth);
+        if depth > 0 {
+            record(raw, 0, holding, depth);
+        }
         return;
     }
-    for (t, table) in tables.iter().enumerate() {
-        let holding = table.get(slot_key(first.0));
-        if holding != 0 {
-            active.push((t as u32, holding));
-        }
+    for t in 0..tables.len() {
+        active.push((t as u32, u64::MAX));
     }
-    let mut depth = 1;
-    while !active.is_empty() {
-        let Some(seq) = seqs.next() else {
+    loop {
+        let prefetch = |k: u64| {
+            for &(t, _) in active.iter() {
+                tables[t as usize].prefetch(k);
+            }
+        };
+        let Some(key) = keys.key(depth as usize, prefetch) else {
             break;
         };
-        let key = slot_key(seq.0);
         active.retain_mut(|(t, holding)| {
             let still = tables[*t as usize].get(key) & *holding;
-            if still != *holding {
+            if still != *holding && depth > 0 {
                 record(raw, *t, *holding & !still, depth);
-                *holding = still;
             }
+            *holding = still;
             still != 0
         });
+        if active.is_empty() {
+            return;
+        }
         depth += 1;
     }
-    for &(t, holding) in active.iter() {
-        record(raw, t, holding, depth);
+    if depth > 0 {
+        for &(t, holding) in active.iter() {
+            record(raw, t, holding, depth);
+        }
     }
 }
 

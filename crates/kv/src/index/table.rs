@@ -22,8 +22,9 @@
 //!   table into a fresh allocation (growing or shrinking it) and swaps it in;
 //!   readers still holding the old table finish on it unharmed, and it is
 //!   freed when the last of them lets go (`arc-swap` in the index does that).
-//! - Linear probing; the table is never more than [`MAX_LOAD`] full, so every
-//!   probe sequence ends at an empty slot.
+//! - Slots come in buckets of four, one cache line each; probing is linear
+//!   over buckets. The table is never more than [`MAX_LOAD`] full, so every
+//!   probe sequence ends at a bucket with an empty slot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,7 +36,7 @@ pub(crate) const EMPTY: u64 = 0;
 const ZERO_STAND_IN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Fraction of slots (live or tombstone) above which the writer rebuilds.
-pub(crate) const MAX_LOAD: (usize, usize) = (4, 5);
+pub(crate) const MAX_LOAD: (usize, usize) = (7, 10);
 /// Smallest table allocated.
 pub(crate) const MIN_SLOTS: usize = 256;
 
@@ -50,16 +51,101 @@ pub(crate) fn slot_key(seq: u64) -> u64 {
 }
 
 #[derive(Default)]
-#[repr(C, align(16))]
+#[repr(C)]
 struct Slot {
     key: AtomicU64,
     holders: AtomicU64,
 }
 
+/// Slots per bucket: one 64-byte cache line.
+const BUCKET: usize = 4;
+
+/// Four slots in one cache line. A lookup compares all four keys without
+/// branching on each, and moves to the next bucket only when this one is
+/// full and does not hold the key; so most lookups read one line and take
+/// one predictable branch.
+#[derive(Default)]
+#[repr(C, align(64))]
+struct Bucket([Slot; BUCKET]);
+
+/// The bucket array: all zeros (every slot empty) when allocated.
+///
+/// Tables of 2 MiB and more are aligned to 2 MiB and advised to the kernel
+/// as huge-page candidates before they are first touched: a growing table
+/// then costs a few huge-page faults instead of hundreds of 4 KiB faults
+/// (which were half the time of a rebuild on the 2-core VM), and lookups
+/// miss the TLB less. Allocation goes through the global allocator, so
+/// memory accounting sees it.
+struct Buckets {
+    ptr: std::ptr::NonNull<Bucket>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Buckets` owns its allocation, and `Bucket` is made of atomics,
+// which are safe to share and send between threads.
+unsafe impl Send for Buckets {}
+// SAFETY: as above: shared access only ever goes through atomics.
+unsafe impl Sync for Buckets {}
+
+/// Size from which a table asks for huge pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Buckets {
+    fn zeroed(mut len: usize) -> Self {
+        let mut bytes = len * std::mem::size_of::<Bucket>();
+        if bytes >= HUGE_PAGE {
+            // Whole huge pages: the tail would otherwise be small pages.
+            bytes = bytes.next_multiple_of(HUGE_PAGE);
+            len = bytes / std::mem::size_of::<Bucket>();
+        }
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            std::mem::align_of::<Bucket>()
+        };
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), align)
+            .expect("table size fits the address space");
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw.cast::<Bucket>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE {
+            // SAFETY: the range is our own fresh allocation; the advice
+            // only changes how the kernel backs it (and failing is harmless).
+            unsafe { libc::madvise(raw.cast(), bytes, libc::MADV_HUGEPAGE) };
+        }
+        // SAFETY: `raw` is valid for `bytes` bytes of writes; all-zero bytes
+        // are a valid `Bucket` (empty slots), so the slice below is fully
+        // initialised.
+        unsafe { std::ptr::write_bytes(raw, 0, bytes) };
+        Buckets { ptr, len, layout }
+    }
+}
+
+impl std::ops::Deref for Buckets {
+    type Target = [Bucket];
+
+    fn deref(&self) -> &[Bucket] {
+        // SAFETY: `ptr` points to `len` initialised buckets that live as
+        // long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Buckets {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) };
+    }
+}
+
 /// A fixed-size open-addressing table. Only the index's writer calls the
 /// methods that change it; any thread may call [`Table::get`].
 pub(crate) struct Table {
-    slots: Box<[Slot]>,
+    buckets: Buckets,
     /// Mixed into slot positions, so keys chosen by a misbehaving worker
     /// cannot be aimed at one run of slots.
     seed: u64,
@@ -75,99 +161,124 @@ pub(crate) enum Place {
 
 impl Table {
     pub(crate) fn new(slots: usize, seed: u64) -> Self {
-        let slots = slots.max(MIN_SLOTS);
+        let buckets = slots.max(MIN_SLOTS).div_ceil(BUCKET);
         Table {
-            slots: (0..slots).map(|_| Slot::default()).collect(),
+            buckets: Buckets::zeroed(buckets),
             seed,
         }
     }
 
     /// Number of slots.
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.len()
+        self.buckets.len() * BUCKET
     }
 
     /// Bytes of the slot array.
     pub(crate) fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.slots)
+        std::mem::size_of_val(&*self.buckets)
     }
 
     /// Whether `used` claimed slots (live or tombstone) plus one more would
     /// exceed [`MAX_LOAD`].
     pub(crate) fn full_for(&self, used: usize) -> bool {
-        (used + 1) * MAX_LOAD.1 > self.slots.len() * MAX_LOAD.0
+        (used + 1) * MAX_LOAD.1 > self.capacity() * MAX_LOAD.0
     }
 
+    /// The bucket `key`'s probe starts at.
     #[inline]
     fn home(&self, key: u64) -> usize {
         let mixed = (key ^ self.seed).wrapping_mul(0xa076_1d64_78bd_642f);
         // Multiply-shift maps the mixed key onto any table size (no power of
         // two needed, so a rebuild can size the table to what it holds).
-        ((u128::from(mixed) * self.slots.len() as u128) >> 64) as usize
+        ((u128::from(mixed) * self.buckets.len() as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn slot(&self, i: usize) -> &Slot {
+        &self.buckets[i / BUCKET].0[i % BUCKET]
+    }
+
+    /// Probes for `key`: `Ok(slot)` where it is, or `Err(slot)` for the
+    /// first empty slot where it would go. Buckets are scanned from the home
+    /// bucket; a key is never past a bucket with an empty slot, because keys
+    /// are never taken out of a table (see the module docs).
+    #[inline]
+    fn probe(&self, key: u64, order: Ordering) -> Result<usize, usize> {
+        let n = self.buckets.len();
+        let mut b = self.home(key);
+        loop {
+            // Bit j of `hits` / `empties`: slot j holds the key / is empty.
+            // Built with comparisons turned into bits, not branches: which
+            // slot of the four holds a key is random, so a branch per slot
+            // would be mispredicted on most lookups.
+            let mut hits = 0u32;
+            let mut empties = 0u32;
+            for (j, slot) in self.buckets[b].0.iter().enumerate() {
+                let k = slot.key.load(order);
+                hits |= u32::from(k == key) << j;
+                empties |= u32::from(k == EMPTY) << j;
+            }
+            if hits != 0 {
+                return Ok(b * BUCKET + hits.trailing_zeros() as usize);
+            }
+            if empties != 0 {
+                return Err(b * BUCKET + empties.trailing_zeros() as usize);
+            }
+            b += 1;
+            if b == n {
+                b = 0;
+            }
+        }
+    }
+
+    /// Starts loading the first slot `key` could be in, so that a later
+    /// [`Table::get`] or write finds it in cache. Lookups and events touch
+    /// slots at random; issuing the loads of a run of blocks together lets
+    /// their cache misses overlap instead of queueing one after another.
+    #[inline]
+    pub(crate) fn prefetch(&self, key: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let slot: *const Bucket = &self.buckets[self.home(key)];
+            // SAFETY: a prefetch is a hint: it never faults and has no
+            // architectural effect, and `slot` points into our own slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    slot.cast::<i8>(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = key;
     }
 
     /// The holders of `key` (0 if absent). Safe to call from any thread at
     /// any time.
     #[inline]
     pub(crate) fn get(&self, key: u64) -> u64 {
-        let n = self.slots.len();
-        let mut i = self.home(key);
-        loop {
-            let slot = &self.slots[i];
-            let k = slot.key.load(Ordering::Acquire);
-            if k == key {
-                return slot.holders.load(Ordering::Acquire);
-            }
-            if k == EMPTY {
-                return 0;
-            }
-            i += 1;
-            if i == n {
-                i = 0;
-            }
+        match self.probe(key, Ordering::Acquire) {
+            Ok(i) => self.slot(i).holders.load(Ordering::Acquire),
+            Err(_) => 0,
         }
     }
 
     /// The slot holding `key`, if any. Writer only.
     #[inline]
     pub(crate) fn find(&self, key: u64) -> Option<usize> {
-        let n = self.slots.len();
-        let mut i = self.home(key);
-        loop {
-            let k = self.slots[i].key.load(Ordering::Relaxed);
-            if k == key {
-                return Some(i);
-            }
-            if k == EMPTY {
-                return None;
-            }
-            i += 1;
-            if i == n {
-                i = 0;
-            }
-        }
+        self.probe(key, Ordering::Relaxed).ok()
     }
 
     /// The slot holding `key`, claiming an empty one (with no holders) if
     /// absent. Writer only; the caller keeps the load under [`MAX_LOAD`].
     #[inline]
     pub(crate) fn find_or_claim(&self, key: u64) -> Place {
-        let n = self.slots.len();
-        let mut i = self.home(key);
-        loop {
-            let slot = &self.slots[i];
-            let k = slot.key.load(Ordering::Relaxed);
-            if k == key {
-                return Place::Found(i);
-            }
-            if k == EMPTY {
+        match self.probe(key, Ordering::Relaxed) {
+            Ok(i) => Place::Found(i),
+            Err(i) => {
+                let slot = self.slot(i);
                 slot.holders.store(0, Ordering::Relaxed);
                 slot.key.store(key, Ordering::Release);
-                return Place::Claimed(i);
-            }
-            i += 1;
-            if i == n {
-                i = 0;
+                Place::Claimed(i)
             }
         }
     }
@@ -175,19 +286,20 @@ impl Table {
     /// Holders of slot `i`. Writer only (it reads its own writes).
     #[inline]
     pub(crate) fn holders_at(&self, i: usize) -> u64 {
-        self.slots[i].holders.load(Ordering::Relaxed)
+        self.slot(i).holders.load(Ordering::Relaxed)
     }
 
     /// Sets the holders of slot `i`. Writer only.
     #[inline]
     pub(crate) fn set_holders_at(&self, i: usize, holders: u64) {
-        self.slots[i].holders.store(holders, Ordering::Release);
+        self.slot(i).holders.store(holders, Ordering::Release);
     }
 
     /// Every claimed slot: `(slot, key, holders)`, tombstones included.
     /// Writer only.
     pub(crate) fn claimed(&self) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
+        let slots = self.buckets.iter().flat_map(|b| b.0.iter());
+        slots.enumerate().filter_map(|(i, s)| {
             let k = s.key.load(Ordering::Relaxed);
             (k != EMPTY).then(|| (i, k, s.holders.load(Ordering::Relaxed)))
         })
@@ -228,6 +340,7 @@ mod tests {
         t.set_holders_at(i, 0);
         let r = t.rebuilt(400);
         assert_eq!(r.capacity(), 400);
+        assert_eq!(r.heap_bytes(), 400 * 16);
         for k in 1..=100u64 {
             let expected = if k == 2 { 0 } else { k };
             assert_eq!(t.get(slot_key(k * 7919)), expected);

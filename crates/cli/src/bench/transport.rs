@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::args::{BenchArgs, BenchPeerArgs, BenchTransport};
+use crate::args::{BenchPeerArgs, BenchTransport, TransportBenchArgs};
 use crate::pace::Pacer;
 
 /// How long the subscriber waits with nothing arriving before it decides the
@@ -92,7 +92,7 @@ fn name(t: BenchTransport) -> &'static str {
     }
 }
 
-pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(a: TransportBenchArgs) -> anyhow::Result<()> {
     let hwm = Config::from_env()?.hwm;
     let mut rows = Vec::new();
     for &size in &a.sizes {
@@ -184,7 +184,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
+fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
     println!(
         "transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}",
         a.trial_s,
@@ -235,7 +235,7 @@ fn print_table(rows: &[serde_json::Value], a: &BenchArgs) {
 async fn throughput(
     rig: &mut Rig,
     size: usize,
-    a: &BenchArgs,
+    a: &TransportBenchArgs,
 ) -> anyhow::Result<serde_json::Value> {
     // Unpaced: the publisher's top speed, and what happens past the
     // subscriber's capacity.
