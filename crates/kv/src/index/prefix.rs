@@ -243,11 +243,11 @@ impl PrefixIndex {
         let mut added = 0u64;
         let table = split(number).0;
         for b in blocks.iter().take(WRITE_AHEAD) {
-            self.tables[table].prefetch(slot_key(b.seq.0));
+            self.tables[table].prefetch_for_write(slot_key(b.seq.0));
         }
         for (i, b) in blocks.iter().enumerate() {
             if let Some(ahead) = blocks.get(i + WRITE_AHEAD) {
-                self.tables[table].prefetch(slot_key(ahead.seq.0));
+                self.tables[table].prefetch_for_write(slot_key(ahead.seq.0));
             }
             // The first block of a sequence cannot be checked: its hash
             // depends on a salt the index does not know.
@@ -275,11 +275,11 @@ impl PrefixIndex {
         let mut removed = 0u64;
         let table = split(slot.number).0;
         for seq in blocks.iter().take(WRITE_AHEAD) {
-            self.tables[table].prefetch(slot_key(seq.0));
+            self.tables[table].prefetch_for_write(slot_key(seq.0));
         }
         for (i, &seq) in blocks.iter().enumerate() {
             if let Some(ahead) = blocks.get(i + WRITE_AHEAD) {
-                self.tables[table].prefetch(slot_key(ahead.0));
+                self.tables[table].prefetch_for_write(slot_key(ahead.0));
             }
             if self.remove_holder(slot.number, seq) {
                 removed += 1;

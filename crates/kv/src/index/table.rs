@@ -142,6 +142,40 @@ impl Drop for Buckets {
     }
 }
 
+/// `PREFETCHW`: fetch the line at `p` for writing. (The intrinsic's
+/// target feature is not stable yet, so the instruction is written out.)
+///
+/// # Safety
+///
+/// The CPU must support PREFETCHW ([`has_prefetchw`]).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn prefetch_write(p: *const Bucket) {
+    // SAFETY: PREFETCHW only hints the cache; it reads and writes no
+    // memory architecturally and never faults.
+    unsafe {
+        std::arch::asm!(
+            "prefetchw byte ptr [{p}]",
+            p = in(reg) p,
+            options(nostack, preserves_flags, readonly)
+        )
+    };
+}
+
+/// Whether the CPU has PREFETCHW (CPUID 8000_0001h, ECX bit 8: Intel's
+/// PRFCHW, AMD's 3DNowPrefetch).
+#[cfg(target_arch = "x86_64")]
+fn has_prefetchw() -> bool {
+    use std::arch::x86_64::__cpuid;
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (max_leaf, features) = unsafe { (__cpuid(0x8000_0000).eax, __cpuid(0x8000_0001).ecx) };
+        max_leaf >= 0x8000_0001 && features & (1 << 8) != 0
+    })
+}
+
 /// A fixed-size open-addressing table. Only the index's writer calls the
 /// methods that change it; any thread may call [`Table::get`].
 pub(crate) struct Table {
@@ -149,6 +183,8 @@ pub(crate) struct Table {
     /// Mixed into slot positions, so keys chosen by a misbehaving worker
     /// cannot be aimed at one run of slots.
     seed: u64,
+    /// Whether [`Table::prefetch_for_write`] can use PREFETCHW.
+    prefetchw: bool,
 }
 
 /// Where [`Table::find_or_claim`] put a key.
@@ -165,6 +201,10 @@ impl Table {
         Table {
             buckets: Buckets::zeroed(buckets),
             seed,
+            #[cfg(target_arch = "x86_64")]
+            prefetchw: has_prefetchw(),
+            #[cfg(not(target_arch = "x86_64"))]
+            prefetchw: false,
         }
     }
 
@@ -232,24 +272,47 @@ impl Table {
     }
 
     /// Starts loading the first slot `key` could be in, so that a later
-    /// [`Table::get`] or write finds it in cache. Lookups and events touch
-    /// slots at random; issuing the loads of a run of blocks together lets
-    /// their cache misses overlap instead of queueing one after another.
+    /// [`Table::get`] finds it in cache. Lookups and events touch slots at
+    /// random; issuing the loads of a run of blocks together lets their
+    /// cache misses overlap instead of queueing one after another.
     #[inline]
     pub(crate) fn prefetch(&self, key: u64) {
         #[cfg(target_arch = "x86_64")]
+        self.prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T0 }>(key);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = key;
+    }
+
+    /// As [`Table::prefetch`], for a slot about to be written: the line is
+    /// fetched for ownership (`PREFETCHW`), so when a reader on another core
+    /// holds a copy, the write does not stall on invalidating it. With a
+    /// reader looking up without pause, this doubled the writer's rate on
+    /// the 2-core VM. Falls back to a plain prefetch on CPUs without it.
+    /// Writer only.
+    #[inline]
+    pub(crate) fn prefetch_for_write(&self, key: u64) {
+        #[cfg(target_arch = "x86_64")]
         {
-            let slot: *const Bucket = &self.buckets[self.home(key)];
-            // SAFETY: a prefetch is a hint: it never faults and has no
-            // architectural effect, and `slot` points into our own slice.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    slot.cast::<i8>(),
-                )
-            };
+            if self.prefetchw {
+                let bucket: *const Bucket = &self.buckets[self.home(key)];
+                // SAFETY: the CPU has PREFETCHW (`has_prefetchw`); a
+                // prefetch never faults, and `bucket` is in our slice.
+                unsafe { prefetch_write(bucket) };
+            } else {
+                self.prefetch(key);
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = key;
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    fn prefetch_hint<const HINT: i32>(&self, key: u64) {
+        let bucket: *const Bucket = &self.buckets[self.home(key)];
+        // SAFETY: a prefetch is a hint: it never faults and has no
+        // architectural effect, and `bucket` points into our own slice.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(bucket.cast::<i8>()) };
     }
 
     /// The holders of `key` (0 if absent). Safe to call from any thread at
