@@ -257,6 +257,45 @@ mod tests {
         assert_eq!(m.active_prefill_tokens, 0);
     }
 
+    /// The worked example of docs/wire-format.md §9.6, byte for byte.
+    #[test]
+    fn documented_example_encodes_exactly() {
+        let batch = KvEventBatch {
+            version: 1,
+            worker_id: 7,
+            dp_rank: 0,
+            events: vec![
+                KvEvent::Stored {
+                    parent: Some(SeqHash(9)),
+                    position: Some(3),
+                    blocks: vec![BlockHash {
+                        local: LocalHash(1),
+                        seq: SeqHash(2),
+                    }],
+                },
+                KvEvent::Removed {
+                    blocks: vec![SeqHash(5)],
+                },
+                KvEvent::Cleared,
+            ],
+        };
+        let documented = "84 a7 76 65 72 73 69 6f 6e 01 a9 77 6f 72 6b 65 72 5f 69 64 07 \
+            a7 64 70 5f 72 61 6e 6b 00 a6 65 76 65 6e 74 73 93 \
+            81 a6 73 74 6f 72 65 64 83 a6 70 61 72 65 6e 74 09 \
+            a8 70 6f 73 69 74 69 6f 6e 03 a6 62 6c 6f 63 6b 73 91 92 01 02 \
+            81 a7 72 65 6d 6f 76 65 64 81 a6 62 6c 6f 63 6b 73 91 05 \
+            a7 63 6c 65 61 72 65 64";
+        let expected: Vec<u8> = documented
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(rmp_serde::to_vec_named(&batch).unwrap(), expected);
+        assert_eq!(
+            rmp_serde::from_slice::<KvEventBatch>(&expected).unwrap(),
+            batch
+        );
+    }
+
     #[test]
     fn unknown_versions_are_rejected() {
         assert!(check_version(EVENT_VERSION).is_ok());

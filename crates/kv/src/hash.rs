@@ -216,6 +216,25 @@ mod tests {
         assert_eq!(chain(Some(s0), l1), SeqHash(11964331458684245151));
     }
 
+    /// The test vectors of docs/wire-format.md §10, computed there with the
+    /// Python `xxhash` package: an independent XXH3 implementation.
+    #[test]
+    fn documented_test_vectors() {
+        let plain = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4, None);
+        let got: Vec<(u64, u64)> = plain.iter().map(|b| (b.local.0, b.seq.0)).collect();
+        assert_eq!(
+            got,
+            [
+                (14643705804678351452, 14643705804678351452),
+                (16777012769546811212, 4945711292740353085)
+            ]
+        );
+        let salted = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8], 4, Some(Salt::new(b"lora-a")));
+        assert_eq!(Salt::new(b"lora-a").0, 8954828697784921239);
+        let seqs: Vec<u64> = salted.iter().map(|b| b.seq.0).collect();
+        assert_eq!(seqs, [16266448407500416381, 16490874630527646485]);
+    }
+
     #[test]
     fn salt_separates_equal_tokens_everywhere_in_the_chain() {
         let tokens: Vec<u32> = (0..64).collect();

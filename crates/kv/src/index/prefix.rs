@@ -612,7 +612,8 @@ const WRITE_AHEAD: usize = 8;
 /// it probes, plus one.
 struct Ahead<I> {
     seqs: I,
-    ring: [u64; AHEAD],
+    /// `(slot key, home bucket)` of blocks `produced - AHEAD .. produced`.
+    ring: [(u64, usize); AHEAD],
     produced: usize,
     exhausted: bool,
 }
@@ -621,23 +622,24 @@ impl<I: Iterator<Item = SeqHash>> Ahead<I> {
     fn new(seqs: I) -> Self {
         Ahead {
             seqs,
-            ring: [0; AHEAD],
+            ring: [(0, 0); AHEAD],
             produced: 0,
             exhausted: false,
         }
     }
 
-    /// The key of block `depth` (the next one to probe), if the lookup has
-    /// one; `prefetch` is called on every key as it is produced.
+    /// The key of block `depth` (the next one to probe) and what `locate`
+    /// returned for it, if the lookup has that block. `locate` is called on
+    /// every key as it is produced: it prefetches, and may return the key's
+    /// home bucket so the probe need not compute it again.
     #[inline]
-    fn key(&mut self, depth: usize, prefetch: impl Fn(u64)) -> Option<u64> {
+    fn key(&mut self, depth: usize, locate: impl Fn(u64) -> usize) -> Option<(u64, usize)> {
         let want = depth + 1 + (depth + 1).min(AHEAD - 1);
         while !self.exhausted && self.produced < want {
             match self.seqs.next() {
                 Some(seq) => {
                     let key = slot_key(seq.0);
-                    prefetch(key);
-                    self.ring[self.produced % AHEAD] = key;
+                    self.ring[self.produced % AHEAD] = (key, locate(key));
                     self.produced += 1;
                 }
                 None => self.exhausted = true,
@@ -662,8 +664,13 @@ where
     if let [table] = tables {
         // One table (up to 64 ranks): the common case, kept branch-light.
         let mut holding = u64::MAX;
-        while let Some(key) = keys.key(depth as usize, |k| table.prefetch(k)) {
-            let still = table.get(key) & holding;
+        let locate = |key| {
+            let home = table.home(key);
+            table.prefetch_bucket(home);
+            home
+        };
+        while let Some((key, home)) = keys.key(depth as usize, locate) {
+            let still = table.get_from(key, home) & holding;
             if still != holding {
                 if depth > 0 {
                     record(raw, 0, holding & !still, depth);
@@ -688,8 +695,9 @@ where
             for &(t, _) in active.iter() {
                 tables[t as usize].prefetch(k);
             }
+            0
         };
-        let Some(key) = keys.key(depth as usize, prefetch) else {
+        let Some((key, _)) = keys.key(depth as usize, prefetch) else {
             break;
         };
         active.retain_mut(|(t, holding)| {

@@ -226,7 +226,7 @@ impl Table {
 
     /// The bucket `key`'s probe starts at.
     #[inline]
-    fn home(&self, key: u64) -> usize {
+    pub(crate) fn home(&self, key: u64) -> usize {
         let mixed = (key ^ self.seed).wrapping_mul(0xa076_1d64_78bd_642f);
         // Multiply-shift maps the mixed key onto any table size (no power of
         // two needed, so a rebuild can size the table to what it holds).
@@ -244,8 +244,14 @@ impl Table {
     /// are never taken out of a table (see the module docs).
     #[inline]
     fn probe(&self, key: u64, order: Ordering) -> Result<usize, usize> {
+        self.probe_from(key, self.home(key), order)
+    }
+
+    /// [`Table::probe`] from a home bucket already computed.
+    #[inline]
+    fn probe_from(&self, key: u64, home: usize, order: Ordering) -> Result<usize, usize> {
         let n = self.buckets.len();
-        let mut b = self.home(key);
+        let mut b = home;
         loop {
             // Bit j of `hits` / `empties`: slot j holds the key / is empty.
             // Built with comparisons turned into bits, not branches: which
@@ -306,6 +312,24 @@ impl Table {
         let _ = key;
     }
 
+    /// [`Table::prefetch`] of a home bucket already computed.
+    #[inline]
+    pub(crate) fn prefetch_bucket(&self, home: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bucket: *const Bucket = &self.buckets[home];
+            // SAFETY: a prefetch is a hint: it never faults and has no
+            // architectural effect, and `bucket` points into our own slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    bucket.cast::<i8>(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = home;
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline]
     fn prefetch_hint<const HINT: i32>(&self, key: u64) {
@@ -319,7 +343,13 @@ impl Table {
     /// any time.
     #[inline]
     pub(crate) fn get(&self, key: u64) -> u64 {
-        match self.probe(key, Ordering::Acquire) {
+        self.get_from(key, self.home(key))
+    }
+
+    /// [`Table::get`] from `key`'s home bucket, as [`Table::home`] gave it.
+    #[inline]
+    pub(crate) fn get_from(&self, key: u64, home: usize) -> u64 {
+        match self.probe_from(key, home, Ordering::Acquire) {
             Ok(i) => self.slot(i).holders.load(Ordering::Acquire),
             Err(_) => 0,
         }
