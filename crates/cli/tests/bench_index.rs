@@ -1,0 +1,117 @@
+//! `eventplane bench index` end to end, on small workloads written here: the
+//! JSON it prints, its verdict on the fingerprint, and its errors.
+
+use std::process::Command;
+
+/// Three workers; worker 1 holds a 3-block chain, worker 2 its first two
+/// blocks, worker 3 loses its copy. Longest matches: 3, then 2 after worker
+/// 1 evicts the tail, then 0 for an unknown prompt: fingerprint 5.
+const WORKLOAD: &str = r#"{"op":"header","fingerprint":5}
+{"op":"store","worker":1,"parent":null,"blocks":[[10,10],[11,1011],[12,1012]]}
+{"op":"store","worker":2,"parent":null,"blocks":[[10,10],[11,1011]]}
+{"op":"store","worker":3,"parent":null,"blocks":[[10,10]]}
+{"op":"remove","worker":3,"blocks":[10]}
+{"op":"query","blocks":[10,11,12,13]}
+{"op":"remove","worker":1,"blocks":[1012]}
+{"op":"query","blocks":[10,11,12]}
+{"op":"clear","worker":2}
+{"op":"query","blocks":[99]}
+"#;
+
+fn bench(workload: &str, extra: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.kvops.jsonl");
+    std::fs::write(&path, workload).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(["bench", "index", "--workload"])
+        .arg(&path)
+        .args(["--runs", "2"])
+        .args(extra)
+        .env("EVENTPLANE_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// The sequence hashes above are not XXH3 chains: rewrite them so they are,
+/// since lookups chain local hashes the documented way.
+fn chained(workload: &str) -> String {
+    use eventplane_kv::hash::{chain, LocalHash};
+    let s1 = chain(Some(eventplane_kv::SeqHash(10)), LocalHash(11)).0;
+    let s2 = chain(Some(eventplane_kv::SeqHash(s1)), LocalHash(12)).0;
+    workload
+        .replace("1011", &s1.to_string())
+        .replace("1012", &s2.to_string())
+}
+
+#[test]
+fn prints_one_json_object_and_checks_the_fingerprint() {
+    for extra in [&[][..], &["--concurrent-queries"][..]] {
+        let out = bench(&chained(WORKLOAD), extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for field in [
+            "workload",
+            "ops",
+            "block_ops",
+            "block_ops_per_s",
+            "query_p50_us",
+            "query_p99_us",
+            "query_max_us",
+            "cached_blocks",
+            "index_bytes",
+            "bytes_per_cached_block",
+            "fingerprint",
+            "fingerprint_expected",
+            "fingerprint_ok",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing from {v}");
+        }
+        assert_eq!(v["ops"], 9);
+        assert_eq!(v["block_ops"], 8);
+        assert_eq!(v["fingerprint"], 5);
+        assert_eq!(v["fingerprint_ok"], true);
+        // Worker 1 keeps two blocks, worker 2 none, worker 3 none.
+        assert_eq!(v["cached_blocks"], 2);
+        assert!(v["index_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(v["concurrent_queries"].is_null(), extra.is_empty());
+    }
+}
+
+#[test]
+fn a_wrong_fingerprint_fails_the_run() {
+    let out = bench(
+        &chained(WORKLOAD).replace("\"fingerprint\":5", "\"fingerprint\":6"),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["fingerprint_ok"], false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fingerprint 5 differs from the workload's 6"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_workload_is_named_with_its_line() {
+    let out = bench(
+        "{\"op\":\"query\",\"blocks\":[1]}\n{\"op\":\"teleport\"}\n",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("w.kvops.jsonl:2:"), "{stderr}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(["bench", "index", "--workload", "/nonexistent/w.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read /nonexistent/w.jsonl"));
+}
