@@ -5,6 +5,7 @@
 //! - [`event`]: the KV-event, load-metric and active-sequence messages.
 //! - [`index`]: the prefix index (fed by KV events; one writer, lock-free
 //!   readers) and the approximate index (fed by routing decisions).
+//! - [`tokenize`]: the built-in deterministic tokenizer.
 //! - [`workload`]: reading `*.kvops.jsonl` replay files for benchmarks.
 //!
 //! This crate knows nothing of transports: the router feeds it what it
@@ -13,6 +14,7 @@
 pub mod event;
 pub mod hash;
 pub mod index;
+pub mod tokenize;
 pub mod workload;
 
 pub use event::{KvEvent, KvEventBatch, WorkerKey};

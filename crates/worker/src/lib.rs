@@ -1,0 +1,7 @@
+//! Workers: the processes that publish what is in their KV cache.
+//!
+//! - [`mock`]: the mock engine, a simulation of a vLLM-style paged KV cache
+//!   and scheduler (sans-IO: time is an argument), so the whole system can
+//!   run and be tested without a GPU.
+
+pub mod mock;
