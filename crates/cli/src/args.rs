@@ -37,6 +37,10 @@ pub enum Command {
     /// Run publishers and a subscriber on this machine, with nothing to
     /// install, and report what the subscriber saw.
     Demo(DemoArgs),
+    /// Run a worker: the mock engine (a simulated vLLM-style KV cache and
+    /// scheduler with an OpenAI-compatible API) publishing KV events and
+    /// load metrics, registered in discovery.
+    Worker(WorkerArgs),
 }
 
 /// Where the event plane is: transport and discovery.
@@ -248,6 +252,70 @@ pub struct BenchPeerArgs {
     /// Messages per second (0: unpaced).
     #[arg(long)]
     pub rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The built-in simulated engine.
+    Mock,
+    /// Relay a vLLM engine's KV events (not in this build yet).
+    Vllm,
+    /// Relay an SGLang engine's KV events (not in this build yet).
+    Sglang,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub plane: PlaneArgs,
+    /// Which engine.
+    #[arg(long, value_enum, default_value = "mock")]
+    pub engine: EngineKind,
+    /// Namespace the worker publishes and registers in.
+    #[arg(long, short = 'n', default_value = "dynamo")]
+    pub namespace: String,
+    /// Component within the namespace.
+    #[arg(long, short = 'c', default_value = "backend")]
+    pub component: String,
+    /// Model name served (requests naming another model get 404).
+    #[arg(long, default_value = "mock-model")]
+    pub model: String,
+    /// Worker id in KV events, load metrics and discovery (keep it across
+    /// restarts so routers recognise the worker) [default: random].
+    #[arg(long)]
+    pub worker_id: Option<u64>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub http_host: std::net::IpAddr,
+    /// Port of the HTTP API (0: any free port; the chosen URL is printed).
+    #[arg(long, default_value_t = 0)]
+    pub http_port: u16,
+    /// KV blocks in the simulated pool.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub num_gpu_blocks: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub block_size: u64,
+    /// Most requests running at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: u64,
+    /// Most tokens computed in one engine step (longer prompts prefill in
+    /// chunks).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_batched_tokens: u64,
+    /// Run the simulated GPU this many times faster than real time.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    pub speedup: f64,
+    /// Requests that may wait to be admitted before new ones get 503.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue: u64,
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number, got `{s}`")),
+    }
 }
 
 #[derive(Debug, Args)]

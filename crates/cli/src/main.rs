@@ -9,6 +9,7 @@ mod demo;
 mod pace;
 mod publish;
 mod tail;
+mod worker;
 
 use clap::Parser;
 
@@ -69,5 +70,6 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         },
         args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,
+        args::Command::Worker(a) => worker::run(a).await,
     }
 }

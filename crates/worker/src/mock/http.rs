@@ -1,0 +1,428 @@
+//! The mock engine's OpenAI-compatible HTTP API (axum):
+//!
+//! - `POST /v1/completions`: `prompt` is a string (built-in tokenizer) or an
+//!   array of token ids; `max_tokens` (default 16); `stream` (server-sent
+//!   events, ending `data: [DONE]`; with `stream_options.include_usage` a
+//!   last chunk carries `usage`).
+//! - `POST /v1/chat/completions`: `messages` (`role`, `content` string) are
+//!   rendered as one `role: content` line each, then `assistant:`, and
+//!   tokenized; `max_tokens` or `max_completion_tokens` (default 16);
+//!   `stream` as above.
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//!
+//! `usage.prompt_tokens_details.cached_tokens` reports the prompt tokens
+//! found in the prefix cache, as vLLM does. Errors use OpenAI's shape,
+//! `{"error": {"message", "type", "code"}}`: 400 for a bad request, 404 for
+//! another model's name, 503 when the engine's queue is full.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use eventplane_kv::tokenize;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::engine::Usage;
+use super::service::{Delta, EngineHandle, SubmitError};
+
+/// Default `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 16;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The engine task.
+    pub engine: EngineHandle,
+    /// The model name served.
+    pub model: String,
+    /// Everything `/metrics` serves.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+}
+
+/// The router serving the API.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Prompt,
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// An OpenAI-shaped error.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.status.as_u16()}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_busy",
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Which endpoint's JSON shapes to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Completion,
+    Chat,
+}
+
+impl Flavor {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Flavor::Completion, _) => "text_completion",
+            (Flavor::Chat, false) => "chat.completion",
+            (Flavor::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+fn check_model(state: &ApiState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &state.model => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            message: format!(
+                "the model `{m}` does not exist; this worker serves `{}`",
+                state.model
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn completions(
+    State(state): State<ApiState>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    check_model(&state, &req.model)?;
+    let prompt = match req.prompt {
+        Prompt::Text(t) => tokenize::encode(&t),
+        Prompt::Tokens(t) => t,
+    };
+    let include_usage = req.stream_options.unwrap_or_default().include_usage;
+    generate(
+        &state,
+        Flavor::Completion,
+        prompt,
+        req.max_tokens,
+        req.stream,
+        include_usage,
+    )
+    .await
+}
+
+async fn chat_completions(
+    State(state): State<ApiState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    check_model(&state, &req.model)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("`messages` is empty"));
+    }
+    let prompt = tokenize::encode(&render_chat(&req.messages));
+    let include_usage = req.stream_options.unwrap_or_default().include_usage;
+    generate(
+        &state,
+        Flavor::Chat,
+        prompt,
+        req.max_completion_tokens.or(req.max_tokens),
+        req.stream,
+        include_usage,
+    )
+    .await
+}
+
+/// The built-in chat template: one `role: content` line per message, then
+/// `assistant:`.
+fn render_chat(messages: &[ChatMessage]) -> String {
+    let mut text = String::new();
+    for m in messages {
+        text.push_str(&m.role);
+        text.push_str(": ");
+        text.push_str(&m.content);
+        text.push('\n');
+    }
+    text.push_str("assistant:");
+    text
+}
+
+async fn generate(
+    state: &ApiState,
+    flavor: Flavor,
+    prompt: Vec<u32>,
+    max_tokens: Option<u32>,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty"));
+    }
+    let max_tokens = max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 {
+        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+    }
+    let mut rx = state.engine.submit(prompt, max_tokens)?;
+    let meta = Meta {
+        id: format!("cmpl-{:016x}", rand_id()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.model.clone(),
+        flavor,
+    };
+    if stream {
+        // A rejection must be an HTTP error, not a stream: wait for the
+        // first delta before committing to SSE.
+        let first = rx.recv().await;
+        if let Some(Delta::Rejected(e)) = &first {
+            return Err(ApiError::bad_request(e.to_string()));
+        }
+        let events = sse_stream(meta, first, rx, include_usage);
+        return Ok(Sse::new(events).into_response());
+    }
+    let mut tokens = Vec::new();
+    while let Some(delta) = rx.recv().await {
+        match delta {
+            Delta::Token(t) => tokens.push(t),
+            Delta::Rejected(e) => return Err(ApiError::bad_request(e.to_string())),
+            Delta::Finished(usage) => {
+                let text = tokenize::decode(&tokens);
+                let choice = match flavor {
+                    Flavor::Completion => {
+                        json!({"index": 0, "text": text, "finish_reason": "length", "logprobs": null})
+                    }
+                    Flavor::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+                    }
+                };
+                let body = json!({
+                    "id": meta.id, "object": flavor.object(false), "created": meta.created,
+                    "model": meta.model, "choices": [choice], "usage": usage_json(&usage),
+                });
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(ApiError::from(SubmitError::Stopped))
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    flavor: Flavor,
+}
+
+impl Meta {
+    fn chunk(&self, text: &str, first: bool, finish: Option<&str>) -> Value {
+        let choice = match self.flavor {
+            Flavor::Completion => json!({"index": 0, "text": text, "finish_reason": finish}),
+            Flavor::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+        };
+        json!({"id": self.id, "object": self.flavor.object(true), "created": self.created, "model": self.model, "choices": [choice]})
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+fn sse_stream(
+    meta: Meta,
+    first: Option<Delta>,
+    rx: mpsc::Receiver<Delta>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct St {
+        meta: Meta,
+        pending: Option<Delta>,
+        rx: mpsc::Receiver<Delta>,
+        sent: usize,
+        finished: Option<Usage>,
+        done: bool,
+        include_usage: bool,
+    }
+    let st = St {
+        meta,
+        pending: first,
+        rx,
+        sent: 0,
+        finished: None,
+        done: false,
+        include_usage,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if let Some(usage) = st.finished.take() {
+            // After the last token: the usage chunk (if asked), then [DONE].
+            if st.include_usage {
+                let mut chunk = st.meta.chunk("", false, None);
+                chunk["choices"] = json!([]);
+                chunk["usage"] = usage_json(&usage);
+                return Some((Ok(Event::default().data(chunk.to_string())), st));
+            }
+        }
+        let delta = match st.pending.take() {
+            Some(d) => Some(d),
+            None => st.rx.recv().await,
+        };
+        let event = match delta {
+            Some(Delta::Token(t)) => {
+                let word = tokenize::decode_one(t);
+                let text = if st.sent == 0 {
+                    word
+                } else {
+                    format!(" {word}")
+                };
+                let chunk = st.meta.chunk(&text, st.sent == 0, None);
+                st.sent += 1;
+                Event::default().data(chunk.to_string())
+            }
+            Some(Delta::Finished(usage)) => {
+                st.finished = Some(usage);
+                let chunk = st.meta.chunk("", st.sent == 0, Some("length"));
+                Event::default().data(chunk.to_string())
+            }
+            Some(Delta::Rejected(_)) | None => {
+                st.done = true;
+                Event::default().data("[DONE]")
+            }
+        };
+        Some((Ok(event), st))
+    })
+}
+
+async fn models(State(state): State<ApiState>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": state.model, "object": "model", "owned_by": "eventplane"}]}),
+    )
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.metrics) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
