@@ -3,5 +3,7 @@
 //! - [`mock`]: the mock engine, a simulation of a vLLM-style paged KV cache
 //!   and scheduler (sans-IO: time is an argument), so the whole system can
 //!   run and be tested without a GPU.
+//! - [`relay`]: republishes a real engine's KV events as ours.
 
 pub mod mock;
+pub mod relay;
