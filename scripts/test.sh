@@ -26,10 +26,10 @@ if ((${#missing[@]})); then
 fi
 
 # --- Python clients for interop tests ---------------------------------------
-if ! .venv/bin/python -c 'import zmq, msgpack' >/dev/null 2>&1; then
-  say "creating .venv with pyzmq and msgpack"
+if ! .venv/bin/python -c 'import zmq, msgpack, msgspec' >/dev/null 2>&1; then
+  say "creating .venv with pyzmq, msgpack and msgspec"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack
+  .venv/bin/pip install --quiet --disable-pip-version-check pyzmq msgpack msgspec
 fi
 export EVENTPLANE_PYTHON="$PWD/.venv/bin/python"
 

@@ -258,9 +258,9 @@ pub struct BenchPeerArgs {
 pub enum EngineKind {
     /// The built-in simulated engine.
     Mock,
-    /// Relay a vLLM engine's KV events (not in this build yet).
+    /// Relay a vLLM engine's KV events (--kv-events-endpoint).
     Vllm,
-    /// Relay an SGLang engine's KV events (not in this build yet).
+    /// Relay an SGLang engine's KV events (same format as vLLM's).
     Sglang,
 }
 
@@ -309,6 +309,27 @@ pub struct WorkerArgs {
     /// Requests that may wait to be admitted before new ones get 503.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue: u64,
+    /// Relay: the engine's KV-event PUB socket (rank 0's with
+    /// --data-parallel-size; rank r uses port + r), e.g. tcp://127.0.0.1:5557.
+    #[arg(long, required_if_eq_any = [("engine", "vllm"), ("engine", "sglang")])]
+    pub kv_events_endpoint: Option<String>,
+    /// Relay: the engine's replay (ROUTER) socket, rank 0's; rank r uses
+    /// port + r. Without it, missing messages cannot be recovered.
+    #[arg(long)]
+    pub replay_endpoint: Option<String>,
+    /// Relay: the engine's OpenAI API, registered for frontends.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub engine_url: String,
+    /// Relay: data-parallel ranks of the engine, each with its own sockets.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub data_parallel_size: u32,
+    /// Relay: the engine's topic filter (vLLM's default: empty).
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+    /// Relay: engine blocks tracked per rank, at most (the engine-hash map
+    /// needed to translate removals).
+    #[arg(long, default_value_t = 4_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tracked_blocks: u64,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {

@@ -1,5 +1,7 @@
 //! `eventplane worker`: runs a worker until interrupted. With `--engine
-//! mock`, the simulated engine (`eventplane_worker::mock`).
+//! mock`, the simulated engine (`eventplane_worker::mock`); with `--engine
+//! vllm|sglang`, the relay in front of a real engine
+//! (`eventplane_worker::relay`).
 //!
 //! Prints one JSON line on stdout when serving, `{"type": "ready", "url",
 //! "worker_id", "model"}`, so scripts and tests know where it listens.
@@ -9,24 +11,21 @@ use std::time::Duration;
 
 use eventplane::{EventPlane, PlaneError, Scope};
 use eventplane_worker::mock::{self, EngineConfig, MockWorkerSettings, Timing};
+use eventplane_worker::relay;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::{EngineKind, WorkerArgs};
 
 pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
-    if a.engine != EngineKind::Mock {
-        return Err(PlaneError::Unsupported(format!(
-            "--engine {:?} (relaying a real engine's KV events) is not in this build yet; use --engine mock",
-            a.engine
-        ))
-        .into());
-    }
     let config = a.plane.config()?;
     let scope = Scope::new(&a.namespace, &a.component)?;
     let worker_id = a
         .worker_id
         .unwrap_or_else(|| eventplane::Identity::random().publisher_id);
+    if a.engine != EngineKind::Mock {
+        return run_relay(a, config, scope, worker_id).await;
+    }
     let settings = MockWorkerSettings {
         engine: EngineConfig {
             num_gpu_blocks: a.num_gpu_blocks as usize,
@@ -52,12 +51,74 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         "{}",
         json!({"type": "ready", "url": worker.url, "worker_id": worker_id, "model": a.model})
     );
+    interrupted().await?;
+    tracing::info!("stopping: withdrawing the registration");
+    worker.stop();
+    Ok(())
+}
+
+async fn interrupted() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("stopping: withdrawing the registration");
-    worker.stop();
     Ok(())
+}
+
+/// `--engine vllm|sglang`: relay a real engine's KV events.
+async fn run_relay(
+    a: WorkerArgs,
+    config: eventplane::Config,
+    scope: Scope,
+    worker_id: u64,
+) -> anyhow::Result<()> {
+    let base = a.kv_events_endpoint.as_deref().ok_or_else(|| {
+        PlaneError::Unsupported("--kv-events-endpoint is required with --engine vllm|sglang".into())
+    })?;
+    let mut ranks = Vec::new();
+    for rank in 0..a.data_parallel_size {
+        ranks.push(relay::RankEndpoints {
+            events: offset_port(base, rank)?,
+            replay: a
+                .replay_endpoint
+                .as_deref()
+                .map(|r| offset_port(r, rank))
+                .transpose()?,
+        });
+    }
+    let settings = relay::RelaySettings {
+        worker_id,
+        scope,
+        ranks: ranks.clone(),
+        topic: a.kv_events_topic.clone(),
+        engine_url: a.engine_url.clone(),
+        model: a.model.clone(),
+        block_size: a.block_size as u32,
+        max_tracked: a.max_tracked_blocks as usize,
+        replay_timeout: Duration::from_secs(5),
+    };
+    let plane = EventPlane::start(config).await?;
+    let running = relay::start(&plane, settings).await?;
+    println!(
+        "{}",
+        json!({"type": "ready", "relaying": ranks.iter().map(|r| &r.events).collect::<Vec<_>>(), "worker_id": worker_id, "url": a.engine_url})
+    );
+    interrupted().await?;
+    for (rank, s) in running.stats().iter().enumerate() {
+        tracing::info!(rank, ?s, "relay totals");
+    }
+    running.stop();
+    Ok(())
+}
+
+/// `tcp://host:port` with `port + offset`.
+fn offset_port(endpoint: &str, offset: u32) -> anyhow::Result<String> {
+    let bad = || PlaneError::Unsupported(format!("{endpoint:?} is not a tcp://HOST:PORT endpoint"));
+    let (head, port) = endpoint.rsplit_once(':').ok_or_else(bad)?;
+    let port: u32 = port.parse().map_err(|_| bad())?;
+    if !head.starts_with("tcp://") || port + offset > u32::from(u16::MAX) {
+        return Err(bad().into());
+    }
+    Ok(format!("{head}:{}", port + offset))
 }

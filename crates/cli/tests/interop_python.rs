@@ -11,7 +11,6 @@
 mod common;
 
 use common::Proc;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const COUNT: u64 = 50;
@@ -21,48 +20,12 @@ const COMPONENT: &str = "comp";
 const TOPIC: &str = "topic-x";
 const VALUE: &str = r#"{"blocks":[1,2,18446744073709551615],"name":"w1"}"#;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
-
-/// The interpreter to use, or `None` to skip.
-fn python(root: &Path) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("EVENTPLANE_PYTHON").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let venv = root.join(".venv/bin/python");
-    if venv.exists() {
-        return Some(venv);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "no Python for the interop test: set EVENTPLANE_PYTHON or run scripts/test.sh \
-             (which creates {} with pyzmq and msgpack)",
-            venv.display()
-        );
-    }
-    eprintln!("skipped: no venv (run scripts/test.sh)");
-    None
-}
-
 #[test]
 fn python_subscriber_written_from_the_spec_receives_everything() {
-    let root = workspace_root();
-    let Some(python) = python(&root) else {
+    let root = common::workspace_root();
+    let Some(python) = common::python(&root, &["zmq", "msgpack"]) else {
         return;
     };
-    let deps = Command::new(&python)
-        .args(["-c", "import zmq, msgpack"])
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    assert!(
-        deps.success(),
-        "{} lacks pyzmq or msgpack: run scripts/test.sh (or pip install pyzmq msgpack)",
-        python.display()
-    );
     let script = root.join("tests/interop/zmq_subscriber.py");
     assert!(script.exists(), "{} is missing", script.display());
     let dir = tempfile::tempdir().expect("tempdir");

@@ -74,7 +74,7 @@ proptest! {
         let mut next_id = 0u64;
         let mut expected: HashMap<u64, u32> = HashMap::new();
         let mut finished: HashMap<u64, u32> = HashMap::new();
-        let mut record = |outputs: Vec<Output>, finished: &mut HashMap<u64, u32>| {
+        let record = |outputs: Vec<Output>, finished: &mut HashMap<u64, u32>| {
             for o in outputs {
                 if let Output::Finished { id, usage } = o {
                     assert!(finished.insert(id, usage.completion_tokens).is_none(), "{id} finished twice");

@@ -41,8 +41,26 @@ impl Proc {
 
     /// Starts any command whose stdout is JSON lines.
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        Self::spawn_with_stdin(name, cmd.stdin(Stdio::null()))
+    }
+
+    /// Like [`spawn`](Self::spawn), with stdin piped for [`send`](Self::send).
+    pub fn spawn_interactive(name: &str, cmd: &mut Command) -> Proc {
+        Self::spawn_with_stdin(name, cmd.stdin(Stdio::piped()))
+    }
+
+    /// Writes one line to the process's stdin (see
+    /// [`spawn_interactive`](Self::spawn_interactive)).
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin piped");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot write to stdin: {e}", self.name));
+    }
+
+    fn spawn_with_stdin(name: &str, cmd: &mut Command) -> Proc {
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -126,4 +144,45 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The Python interpreter for interop tests, checked to import `modules`:
+/// `$EVENTPLANE_PYTHON`, else `<root>/.venv/bin/python` (created by
+/// `scripts/test.sh`). `None` (skip) when there is none, except under `CI`,
+/// where a missing interpreter or module fails the test.
+pub fn python(root: &Path, modules: &[&str]) -> Option<std::path::PathBuf> {
+    let venv = root.join(".venv/bin/python");
+    let python = match std::env::var_os("EVENTPLANE_PYTHON").filter(|p| !p.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None if venv.exists() => venv,
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no Python for the interop test: set EVENTPLANE_PYTHON or run scripts/test.sh \
+                 (which creates {} with pyzmq, msgpack and msgspec)",
+                venv.display()
+            );
+            eprintln!("skipped: no venv (run scripts/test.sh)");
+            return None;
+        }
+    };
+    let import = format!("import {}", modules.join(", "));
+    let ok = Command::new(&python)
+        .args(["-c", &import])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        ok.success(),
+        "{} cannot `{import}`: run scripts/test.sh (or pip install the packages)",
+        python.display()
+    );
+    Some(python)
 }

@@ -5,9 +5,12 @@
 //! - [`decode`]: the engines' MessagePack formats, both encodings.
 //! - [`state`]: per-rank sequence tracking, replay, restarts and the
 //!   engine-hash → our-hash map (sans-IO).
+//! - [`run`]: the sockets: a thread per rank, replay requests, publishing.
 
 pub mod decode;
+pub mod run;
 pub mod state;
 
 pub use decode::{decode_batch, DecodeError, EngineBatch, EngineEvent, EngineHash};
+pub use run::{start, RankEndpoints, RelaySettings, RunningRelay};
 pub use state::{lora_salt, Live, RankRelay, RelayStats};
