@@ -179,6 +179,28 @@ pub enum BenchTarget {
     /// Replay a KV workload (*.kvops.jsonl[.gz]) through the prefix index:
     /// event throughput, lookup latency, memory, and the answers' fingerprint.
     Index(IndexBenchArgs),
+    /// The relay: an engine publishing vLLM-format KV events as fast as it
+    /// can, the relay decoding, re-hashing and republishing them, and a
+    /// subscriber receiving them; block events per second end to end.
+    Relay(RelayBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RelayBenchArgs {
+    /// Engine batches to send (each one BlockStored and one BlockRemoved
+    /// event). Kept under the sockets' high-water marks, so nothing is
+    /// dropped.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=90_000))]
+    pub batches: u64,
+    /// Blocks per event.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub blocks_per_event: u64,
+    /// Tokens per block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub block_size: u64,
+    /// Runs; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -67,6 +67,7 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         args::Command::Bench(b) => match b.target {
             args::BenchTarget::Transport(a) => bench::transport::run(a).await,
             args::BenchTarget::Index(a) => bench::index::run(a),
+            args::BenchTarget::Relay(a) => bench::relay::run(a).await,
         },
         args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,

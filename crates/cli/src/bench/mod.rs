@@ -2,6 +2,8 @@
 //!
 //! - [`transport`]: publisher → subscriber throughput, loss and latency.
 //! - [`index`]: replaying a KV workload through the prefix index.
+//! - [`relay`]: engine KV events through the relay.
 
 pub mod index;
+pub mod relay;
 pub mod transport;

@@ -1,5 +1,6 @@
-//! `eventplane bench index` end to end, on small workloads written here: the
-//! JSON it prints, its verdict on the fingerprint, and its errors.
+//! The bench commands end to end, small: `bench index` on workloads written
+//! here (the JSON it prints, its verdict on the fingerprint, its errors) and
+//! `bench relay` (every engine block event arrives, none lost).
 
 use std::process::Command;
 
@@ -114,4 +115,25 @@ fn a_bad_workload_is_named_with_its_line() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read /nonexistent/w.jsonl"));
+}
+
+#[test]
+fn relay_bench_relays_every_block_event() {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(["bench", "relay", "--batches", "200", "--runs", "1"])
+        .env("EVENTPLANE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 200 batches of 16 stored blocks, 199 removals of 15.
+    assert_eq!(v["block_events"], 200 * 16 + 199 * 15);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["decode_errors"], 0);
+    assert_eq!(v["unhashable_blocks"], 0);
+    assert!(v["block_events_per_s"].as_f64().unwrap() > 0.0);
 }
