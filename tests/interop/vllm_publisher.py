@@ -18,6 +18,9 @@ and for `go` on stdin, then plays this scenario (block size 4):
   seq 4  BlockStored D after C             -- reveals the gap; the relay
                                               must replay 3
   seq 5  garbage (not MessagePack)         -- counted and skipped
+  seq 6  BlockStored F with an unknown field, and a BlockStored of wrong
+         types                             -- F applies, the other is
+                                              counted and skipped
   -> prints {"checkpoint": 1, "cached": [...]} and waits for "next" on stdin
   the engine restarts:
   seq 0  BlockStored E (1 block)           -- the relay must clear first
@@ -61,6 +64,7 @@ def structs(array_like: bool):
         lora_id: Optional[int]
         medium: Optional[str] = None
         lora_name: Optional[str] = None
+        extra_keys: Optional[list] = None  # newer vLLM: unknown to the relay
 
     class BlockRemoved(KVCacheEvent):
         block_hashes: list
@@ -142,8 +146,14 @@ def main():
                           block_size=BLOCK, lora_id=None)]))
     start = serve_replay()
     send(5, b"\x92\x01")  # truncated MessagePack
+    # A good event beside one of the wrong types: the good one applies.
+    tokens_f = list(range(300, 304))
+    send(6, batch([Stored(block_hashes=[61], parent_block_hash=None, token_ids=tokens_f,
+                          block_size=BLOCK, lora_id=None, extra_keys=[["x", 1]]),
+                   Stored(block_hashes=[62], parent_block_hash=None, token_ids="oops",
+                          block_size="four", lora_id=None)]))
     print(json.dumps({"checkpoint": 1, "replayed_from": start, "cached": [
-        tokens_a[:4], tokens_a, tokens_c[:4], tokens_c, tokens_c + tokens_d]}), flush=True)
+        tokens_a[:4], tokens_a, tokens_c[:4], tokens_c, tokens_c + tokens_d, tokens_f]}), flush=True)
     if sys.stdin.readline().strip() != "next":
         sys.exit("expected `next` on stdin")
 

@@ -10,8 +10,10 @@
 //! may be integers (above 2^63 too, or negative) or bytes; they are reduced
 //! to a `u64` key ([`EngineHash`]) used only to find our own hash again when
 //! the engine removes the block. Nothing here panics on bad input: every
-//! problem is an [`DecodeError`] naming what was wrong, and an event of an
-//! unknown type is reported as [`EngineEvent::Unknown`], not an error.
+//! problem is a [`DecodeError`] naming what was wrong: for the whole batch
+//! when its frame is unreadable, for one event ([`EngineEvent::Invalid`])
+//! when only that event is, so the batch's other events still apply. An
+//! event of an unknown type is [`EngineEvent::Unknown`], not an error.
 
 use rmpv::Value;
 use xxhash_rust::xxh3::xxh3_64;
@@ -51,6 +53,9 @@ pub enum EngineEvent {
     AllBlocksCleared,
     /// An event type this build does not know (skipped, counted).
     Unknown(String),
+    /// An event that could not be read (a field of the wrong type, a
+    /// missing one): skipped and counted; the batch's other events apply.
+    Invalid(DecodeError),
 }
 
 /// A decoded batch.
@@ -107,8 +112,12 @@ pub fn decode_batch(payload: &[u8]) -> Result<EngineBatch, DecodeError> {
         Some(Value::Array(list)) => list
             .iter()
             .enumerate()
-            .map(|(i, e)| decode_event(e).map_err(|e| DecodeError(format!("event {i}: {}", e.0))))
-            .collect::<Result<Vec<_>, _>>()?,
+            .map(|(i, e)| {
+                decode_event(e).unwrap_or_else(|e| {
+                    EngineEvent::Invalid(DecodeError(format!("event {i}: {}", e.0)))
+                })
+            })
+            .collect(),
         Some(other) => return err(format!("events must be an array, got {}", kind(other))),
         None => return err("the batch has no events"),
     };
@@ -359,29 +368,40 @@ mod tests {
             (vec![0x92, 0x01], "not MessagePack"),
             (encode(&Value::from(7)), "array or a map"),
             (encode(&Value::Array(vec![Value::F64(0.0)])), "no events"),
-            (
-                encode(&Value::Array(vec![
-                    Value::F64(0.0),
-                    Value::Array(vec![Value::from(1)]),
-                ])),
-                "event 0",
-            ),
-            (
-                encode(&Value::Array(vec![
-                    Value::F64(0.0),
-                    Value::Array(vec![Value::Array(vec![
-                        s("BlockStored"),
-                        Value::Array(vec![]),
-                        Value::Nil,
-                        s("x"),
-                        Value::from(4),
-                    ])]),
-                ])),
-                "token_ids must be an array",
-            ),
         ] {
             let e = decode_batch(&payload).unwrap_err();
             assert!(e.0.contains(expect), "{} should mention {expect}", e.0);
         }
+        // A bad event spoils only itself.
+        let batch = encode(&Value::Array(vec![
+            Value::F64(0.0),
+            Value::Array(vec![
+                Value::from(1),
+                Value::Array(vec![
+                    s("BlockStored"),
+                    Value::Array(vec![]),
+                    Value::Nil,
+                    s("x"),
+                    Value::from(4),
+                ]),
+                Value::Array(vec![s("AllBlocksCleared")]),
+            ]),
+        ]));
+        let b = decode_batch(&batch).unwrap();
+        let errors: Vec<String> = b
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Invalid(e) => Some(e.0.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].contains("event 0"), "{errors:?}");
+        assert!(
+            errors[1].contains("token_ids must be an array"),
+            "{errors:?}"
+        );
+        assert_eq!(b.events[2], EngineEvent::AllBlocksCleared);
     }
 }

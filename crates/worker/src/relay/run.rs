@@ -250,8 +250,9 @@ impl RankWorker {
             }
         }
         if let Some(e) = self.relay.take_error() {
-            if self.relay.stats().decode_errors == 1 {
-                tracing::warn!(rank = self.rank, error = %e, "undecodable engine batch skipped (counted; logged once)");
+            let s = self.relay.stats();
+            if s.decode_errors + s.invalid_events == 1 {
+                tracing::warn!(rank = self.rank, error = %e, "undecodable engine input skipped (counted in the relay's decode_errors / invalid_events; logged once)");
             }
         }
     }

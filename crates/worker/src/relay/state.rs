@@ -57,6 +57,8 @@ pub struct RelayStats {
     pub clears: u64,
     /// Payloads that could not be decoded (skipped).
     pub decode_errors: u64,
+    /// Events that could not be read in an otherwise good batch (skipped).
+    pub invalid_events: u64,
     /// Events of unknown types (skipped).
     pub unknown_events: u64,
     /// Stored blocks skipped: parent unknown, or tokens not matching the
@@ -247,6 +249,10 @@ impl RankRelay {
                     out.extend(self.reset());
                 }
                 EngineEvent::Unknown(_) => self.stats.unknown_events += 1,
+                EngineEvent::Invalid(e) => {
+                    self.stats.invalid_events += 1;
+                    self.last_error = Some(format!("batch {seq}: {e}"));
+                }
             }
         }
         out
