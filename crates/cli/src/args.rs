@@ -331,6 +331,11 @@ pub struct WorkerArgs {
     /// Requests that may wait to be admitted before new ones get 503.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue: u64,
+    /// Mock: also publish KV events in vLLM's own ZMQ format on this port
+    /// (0: any free port), with vLLM's replay socket on the next port, e.g.
+    /// to test a relay against it.
+    #[arg(long)]
+    pub zmq_kv_events_port: Option<u16>,
     /// Relay: the engine's KV-event PUB socket (rank 0's with
     /// --data-parallel-size; rank r uses port + r), e.g. tcp://127.0.0.1:5557.
     #[arg(long, required_if_eq_any = [("engine", "vllm"), ("engine", "sglang")])]

@@ -44,12 +44,15 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         queue: a.queue as usize,
         load_debounce: Duration::from_millis(50),
         load_heartbeat: Duration::from_secs(1),
+        vllm_events_port: a.zmq_kv_events_port,
     };
     let plane = EventPlane::start(config).await?;
     let worker = mock::start(&plane, settings).await?;
+    let (vllm_events, vllm_replay) = worker.vllm_endpoints.clone().unzip();
     println!(
         "{}",
-        json!({"type": "ready", "url": worker.url, "worker_id": worker_id, "model": a.model})
+        json!({"type": "ready", "url": worker.url, "worker_id": worker_id, "model": a.model,
+               "vllm_kv_events": vllm_events, "vllm_replay": vllm_replay})
     );
     interrupted().await?;
     tracing::info!("stopping: withdrawing the registration");

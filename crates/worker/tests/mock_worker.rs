@@ -35,6 +35,7 @@ fn settings(scope: &Scope) -> MockWorkerSettings {
         queue: 64,
         load_debounce: Duration::from_millis(1),
         load_heartbeat: Duration::from_millis(100),
+        vllm_events_port: None,
     }
 }
 
@@ -269,5 +270,125 @@ async fn streams_server_sent_events_and_aborts_when_the_client_leaves() {
     })
     .await
     .expect("the request was aborted");
+    worker.stop();
+}
+
+/// The mock engine's vLLM-format socket through the relay: the relay's
+/// republished state equals the engine's own KV events' state, through
+/// evictions (a small pool) and shared prefixes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_of_the_vllm_format_mirror_matches_the_engine() {
+    use eventplane_kv::WorkerKey;
+    use eventplane_worker::relay::{self, RankEndpoints, RelaySettings};
+
+    let plane = EventPlane::start(eventplane::Config {
+        transport: eventplane::TransportKind::Zmq,
+        discovery: eventplane::DiscoveryKind::Mem,
+        ..eventplane::Config::default()
+    })
+    .await
+    .unwrap();
+    let scope = Scope::new("test", "mirror").unwrap();
+    let mut kv = plane
+        .subscriber::<KvEventBatch>(&scope.channel(KV_EVENTS_TOPIC).unwrap())
+        .await
+        .unwrap();
+    let mut s = settings(&scope);
+    s.engine.num_gpu_blocks = 24;
+    s.vllm_events_port = Some(0);
+    let worker = mock::start(&plane, s).await.unwrap();
+    let (events, replay) = worker.vllm_endpoints.clone().unwrap();
+    let relay = relay::start(
+        &plane,
+        RelaySettings {
+            worker_id: 99,
+            scope: scope.clone(),
+            ranks: vec![RankEndpoints {
+                events,
+                replay: Some(replay),
+            }],
+            topic: String::new(),
+            engine_url: worker.url.clone(),
+            model: "m".into(),
+            block_size: 4,
+            max_tracked: 10_000,
+            replay_timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    // Both publishers heard before the engine does anything.
+    let mut joined = 0;
+    tokio::time::timeout(WAIT, async {
+        while joined < 2 {
+            if let Some(Event::Notice(eventplane::Notice::Joined { .. })) = kv.recv().await {
+                joined += 1;
+            }
+        }
+    })
+    .await
+    .expect("joined both publishers");
+
+    // Prompts sharing prefixes, more than the pool holds: blocks are shared,
+    // evicted and stored again.
+    for i in 0..30u32 {
+        let prompt: Vec<u32> = (0..12)
+            .map(|t| (i % 4) * 100 + t)
+            .chain([1000 + i, 2000 + i, 3000 + i, 4000 + i])
+            .collect();
+        let (status, _) = post(
+            &worker,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 3}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (engine, relayed) = (WorkerKey::new(42), WorkerKey::new(99));
+    let mut index = PrefixIndex::new();
+    let mut stored = 0;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let e = index.worker_cached_blocks(engine);
+            if e > 0 && e == index.worker_cached_blocks(relayed) && stored > e {
+                let mut same = true;
+                let probe: Vec<_> = (0..30u32)
+                    .flat_map(|i| {
+                        let prompt: Vec<u32> = (0..12)
+                            .map(|t| (i % 4) * 100 + t)
+                            .chain([1000 + i, 2000 + i, 3000 + i, 4000 + i])
+                            .collect();
+                        block_hashes(&prompt, 4, None)
+                    })
+                    .collect();
+                for b in probe {
+                    same &= index.holds(engine, b.seq) == index.holds(relayed, b.seq);
+                }
+                if same {
+                    return;
+                }
+            }
+            if let Some(Event::Message(m)) = kv.recv().await {
+                if m.value.worker_id == 42 {
+                    for e in &m.value.events {
+                        if let eventplane_kv::KvEvent::Stored { blocks, .. } = e {
+                            stored += blocks.len() as u64;
+                        }
+                    }
+                }
+                index.apply_batch(&m.value).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("the relayed state converged to the engine's");
+    assert_eq!(index.stats().inconsistencies(), 0, "{:?}", index.stats());
+    let s = relay.stats()[0];
+    assert_eq!(
+        (s.lost, s.decode_errors, s.unhashable_blocks),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    relay.stop();
     worker.stop();
 }

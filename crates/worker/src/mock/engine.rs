@@ -343,6 +343,17 @@ impl Engine {
         self.pool.take_events()
     }
 
+    /// Keep stored blocks' token ids with the events (for the vLLM-format
+    /// mirror); see [`Engine::take_events_with_tokens`].
+    pub fn record_tokens(&mut self) {
+        self.pool.record_tokens();
+    }
+
+    /// KV events since the last call, each with its stored blocks' tokens.
+    pub fn take_events_with_tokens(&mut self) -> Vec<(KvEvent, Vec<u32>)> {
+        self.pool.take_events_with_tokens()
+    }
+
     /// The block pool (read only).
     pub fn pool(&self) -> &BlockPool {
         &self.pool
@@ -467,7 +478,9 @@ impl Engine {
         while r.cached_blocks < r.computed / bs {
             let b = r.cached_blocks;
             let parent = b.checked_sub(1).map(|p| r.hashes[p].seq);
-            self.pool.cache(r.blocks[b], r.hashes[b], parent, b as u32);
+            let tokens = &r.tokens[b * bs..(b + 1) * bs];
+            self.pool
+                .cache(r.blocks[b], r.hashes[b], parent, b as u32, tokens);
             r.cached_blocks += 1;
         }
         if r.computed < r.tokens.len() {

@@ -63,6 +63,9 @@ pub struct BlockPool {
     /// Cached hash → the blocks holding it.
     cached: FastMap<SeqHash, Vec<BlockId>>,
     events: Vec<KvEvent>,
+    /// With token recording on: the token ids of each event's stored
+    /// blocks, index for index with `events` (empty for other events).
+    event_tokens: Option<Vec<Vec<u32>>>,
     evictions: u64,
 }
 
@@ -80,6 +83,7 @@ impl BlockPool {
             free: 0,
             cached: FastMap::default(),
             events: Vec::new(),
+            event_tokens: None,
             evictions: 0,
         };
         for id in 0..num_blocks as BlockId {
@@ -160,9 +164,27 @@ impl BlockPool {
         Some(ids)
     }
 
+    /// Also keep the token ids of stored blocks with the events (for
+    /// engine-format mirrors, whose `BlockStored` carries them); see
+    /// [`BlockPool::take_events_with_tokens`].
+    pub fn record_tokens(&mut self) {
+        if self.event_tokens.is_none() {
+            self.event_tokens = Some(vec![Vec::new(); self.events.len()]);
+        }
+    }
+
     /// Block `id`, in use and full, now holds `hash` (after the block
-    /// `parent`, at `position` in its sequence) and can be shared.
-    pub fn cache(&mut self, id: BlockId, hash: BlockHash, parent: Option<SeqHash>, position: u32) {
+    /// `parent`, at `position` in its sequence) and can be shared. `tokens`
+    /// are the block's token ids (kept only with
+    /// [`BlockPool::record_tokens`]).
+    pub fn cache(
+        &mut self,
+        id: BlockId,
+        hash: BlockHash,
+        parent: Option<SeqHash>,
+        position: u32,
+        tokens: &[u32],
+    ) {
         let block = &mut self.blocks[id as usize];
         debug_assert!(block.refs > 0 && block.contents.is_none());
         block.contents = Some(Contents { hash, parent });
@@ -176,14 +198,27 @@ impl BlockPool {
         if let Some(KvEvent::Stored { blocks, .. }) = self.events.last_mut() {
             if blocks.last().map(|b| b.seq) == parent {
                 blocks.push(hash);
+                if let Some(last) = self.event_tokens.as_mut().and_then(|t| t.last_mut()) {
+                    last.extend_from_slice(tokens);
+                }
                 return;
             }
         }
-        self.events.push(KvEvent::Stored {
-            parent,
-            position: Some(position),
-            blocks: vec![hash],
-        });
+        self.push_event(
+            KvEvent::Stored {
+                parent,
+                position: Some(position),
+                blocks: vec![hash],
+            },
+            tokens,
+        );
+    }
+
+    fn push_event(&mut self, event: KvEvent, tokens: &[u32]) {
+        self.events.push(event);
+        if let Some(t) = &mut self.event_tokens {
+            t.push(tokens.to_vec());
+        }
     }
 
     /// Drops one reference on each of `ids` (a request's blocks, in
@@ -212,13 +247,30 @@ impl BlockPool {
             block.contents = None;
         }
         self.cached.clear();
-        self.events.push(KvEvent::Cleared);
+        self.push_event(KvEvent::Cleared, &[]);
         true
     }
 
     /// The events since the last call, oldest first.
     pub fn take_events(&mut self) -> Vec<KvEvent> {
+        if let Some(t) = &mut self.event_tokens {
+            t.clear();
+        }
         std::mem::take(&mut self.events)
+    }
+
+    /// The events since the last call with, for each, the token ids of the
+    /// blocks it stored (empty unless [`BlockPool::record_tokens`] is on,
+    /// and for events that store nothing).
+    pub fn take_events_with_tokens(&mut self) -> Vec<(KvEvent, Vec<u32>)> {
+        let events = std::mem::take(&mut self.events);
+        let mut tokens = self
+            .event_tokens
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        tokens.resize(events.len(), Vec::new());
+        events.into_iter().zip(tokens).collect()
     }
 
     /// Every cached hash.
@@ -271,7 +323,7 @@ impl BlockPool {
             if let Some(KvEvent::Removed { blocks }) = self.events.last_mut() {
                 blocks.push(seq);
             } else {
-                self.events.push(KvEvent::Removed { blocks: vec![seq] });
+                self.push_event(KvEvent::Removed { blocks: vec![seq] }, &[]);
             }
         }
     }
@@ -332,11 +384,11 @@ mod tests {
     fn freed_sequences_are_evicted_oldest_first_and_leaf_first() {
         let mut pool = BlockPool::new(4);
         let a = pool.allocate(2).unwrap();
-        pool.cache(a[0], h(1), None, 0);
-        pool.cache(a[1], h(2), Some(SeqHash(1)), 1);
+        pool.cache(a[0], h(1), None, 0, &[]);
+        pool.cache(a[1], h(2), Some(SeqHash(1)), 1, &[]);
         let b = pool.allocate(2).unwrap();
-        pool.cache(b[0], h(3), None, 0);
-        pool.cache(b[1], h(4), Some(SeqHash(3)), 1);
+        pool.cache(b[0], h(3), None, 0, &[]);
+        pool.cache(b[1], h(4), Some(SeqHash(3)), 1, &[]);
         assert_eq!(
             pool.take_events(),
             vec![
@@ -377,10 +429,10 @@ mod tests {
     fn a_cached_prefix_is_shared_and_survives_until_its_last_copy_goes() {
         let mut pool = BlockPool::new(3);
         let a = pool.allocate(1).unwrap();
-        pool.cache(a[0], h(7), None, 0);
+        pool.cache(a[0], h(7), None, 0, &[]);
         // A second copy of the same hash (filled before the first was cached).
         let b = pool.allocate(1).unwrap();
-        pool.cache(b[0], h(7), None, 0);
+        pool.cache(b[0], h(7), None, 0, &[]);
         assert_eq!(pool.take_events().len(), 1, "one Stored for two copies");
         assert_eq!(pool.cached_prefix(&[h(7), h(8)]), 1);
         let shared = pool.acquire_cached(&[h(7)], 1);

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::engine::{Engine, EngineConfig};
 use super::http::{router, ApiState};
 use super::service::{spawn, EngineHandle, Publishers, ServiceSettings};
+use super::vllm_mirror::VllmMirror;
 
 /// What a worker registers in discovery, under [`registration_key`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,9 @@ pub struct MockWorkerSettings {
     pub load_debounce: Duration,
     /// See [`ServiceSettings::load_heartbeat`].
     pub load_heartbeat: Duration,
+    /// Also publish KV events in vLLM's own format on this port (0: any),
+    /// with the replay socket on the next one.
+    pub vllm_events_port: Option<u16>,
 }
 
 /// A running mock worker. Dropping it withdraws its registration; the tasks
@@ -82,6 +86,8 @@ pub struct RunningWorker {
     pub url: String,
     /// Submits requests directly (tests, embedding).
     pub engine: EngineHandle,
+    /// The vLLM-format sockets `(events, replay)`, when asked for.
+    pub vllm_endpoints: Option<(String, String)>,
     registration: Registration,
     server: tokio::task::JoinHandle<()>,
 }
@@ -109,9 +115,17 @@ pub async fn start(plane: &EventPlane, s: MockWorkerSettings) -> anyhow::Result<
             .await
             .with_context(|| format!("publishing on {load_channel}"))?,
     };
+    let mirror = s
+        .vllm_events_port
+        .map(|port| VllmMirror::start(&plane.config().host, port))
+        .transpose()?;
+    let vllm_endpoints = mirror
+        .as_ref()
+        .map(|m| (m.events_endpoint.clone(), m.replay_endpoint.clone()));
     let (engine, _task) = spawn(
         Engine::new(s.engine),
         Some(publishers),
+        mirror,
         ServiceSettings {
             worker_id: s.worker_id,
             dp_rank: 0,
@@ -162,6 +176,7 @@ pub async fn start(plane: &EventPlane, s: MockWorkerSettings) -> anyhow::Result<
     Ok(RunningWorker {
         url,
         engine,
+        vllm_endpoints,
         registration,
         server,
     })

@@ -26,6 +26,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::engine::{Engine, Load, NewRequest, Output, Rejected, RequestId, Usage};
+use super::vllm_mirror::{self, VllmMirror};
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// What a request receives, in order: tokens, then one `Finished` (or one
 /// `Rejected` instead of everything).
@@ -234,12 +241,17 @@ pub struct ServiceSettings {
     pub load_heartbeat: Duration,
 }
 
-/// Starts the engine task; it runs until every handle is dropped.
+/// Starts the engine task; it runs until every handle is dropped. With a
+/// `mirror`, KV events also go out in vLLM's format.
 pub fn spawn(
-    engine: Engine,
+    mut engine: Engine,
     publishers: Option<Publishers>,
+    mirror: Option<VllmMirror>,
     settings: ServiceSettings,
 ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    if mirror.is_some() {
+        engine.record_tokens();
+    }
     let (tx, rx) = mpsc::channel(settings.queue.max(1));
     let stats = Arc::new(ServiceStats::default());
     let handle = EngineHandle {
@@ -252,6 +264,7 @@ pub fn spawn(
             engine,
             rx,
             publishers,
+            mirror,
             settings,
             stats,
             requests: HashMap::new(),
@@ -268,6 +281,7 @@ struct Service {
     engine: Engine,
     rx: mpsc::Receiver<Submission>,
     publishers: Option<Publishers>,
+    mirror: Option<VllmMirror>,
     settings: ServiceSettings,
     stats: Arc<ServiceStats>,
     requests: HashMap<RequestId, mpsc::Sender<Delta>>,
@@ -376,7 +390,22 @@ impl Service {
     }
 
     fn publish_events(&mut self) {
-        let events = self.engine.take_events();
+        let events = match &mut self.mirror {
+            Some(mirror) => {
+                let with_tokens = self.engine.take_events_with_tokens();
+                if with_tokens.is_empty() {
+                    return;
+                }
+                let block_size = self.engine.config().block_size as u32;
+                mirror.publish(vllm_mirror::encode_batch(
+                    &with_tokens,
+                    block_size,
+                    unix_seconds(),
+                ));
+                with_tokens.into_iter().map(|(e, _)| e).collect()
+            }
+            None => self.engine.take_events(),
+        };
         if events.is_empty() {
             return;
         }

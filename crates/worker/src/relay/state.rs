@@ -18,7 +18,8 @@
 //!   is cleared (our subscribers drop it) rather than left silently wrong.
 //!   Live messages already applied from replay are skipped as duplicates. A
 //!   number that goes back otherwise means the engine restarted: we publish
-//!   `Cleared` and start over.
+//!   `Cleared` and start over. A relay that joins a running engine (first
+//!   number above 0) catches up from the replay buffer's oldest batch.
 //! - Only blocks on the GPU (`medium` absent or `GPU`) are relayed: routing
 //!   cares about what a prefill can reuse without a transfer.
 
@@ -129,7 +130,14 @@ impl RankRelay {
     /// A message from the engine's PUB socket.
     pub fn on_live(&mut self, seq: u64, payload: &[u8]) -> Live {
         let Some(expected) = self.expected else {
-            return Live::Publish(self.apply(seq, payload));
+            if seq == 0 {
+                return Live::Publish(self.apply(seq, payload));
+            }
+            // Joined a running engine: catch up on what its replay buffer
+            // still has, from its start.
+            self.stats.replays += 1;
+            self.replay_from = Some(0);
+            return Live::Replay { from: 0 };
         };
         if seq == expected {
             self.replayed = None;
@@ -156,7 +164,9 @@ impl RankRelay {
 
     /// A message from the replay socket (any order the engine sends).
     pub fn on_replayed(&mut self, seq: u64, payload: &[u8]) -> Vec<KvEvent> {
-        if Some(seq) != self.expected {
+        // Catching up from nothing: the buffer's oldest batch is our start.
+        let accept = self.expected.unwrap_or(seq);
+        if seq != accept {
             return Vec::new();
         }
         self.stats.replayed += 1;
@@ -165,6 +175,7 @@ impl RankRelay {
 
     /// After a replay: the live message that revealed the gap.
     pub fn after_replay(&mut self, seq: u64, payload: &[u8]) -> Vec<KvEvent> {
+        // Nothing replayed while catching up: start from this message.
         let expected = self.expected.unwrap_or(seq);
         let from = self.replay_from.take().unwrap_or(expected);
         self.replayed = Some((from, expected));
@@ -453,6 +464,29 @@ mod tests {
         assert_eq!(ev[0], KvEvent::Cleared);
         assert_eq!(ev.len(), 2);
         assert_eq!(r.stats().restarts, 1);
+    }
+
+    #[test]
+    fn joining_a_running_engine_catches_up_from_its_replay_buffer() {
+        let mut r = RankRelay::new(100);
+        let five = batch(vec![stored(&[6], Some(5), 2..4)]);
+        assert_eq!(r.on_live(5, &five), Live::Replay { from: 0 });
+        // The buffer starts at 4.
+        assert_eq!(
+            r.on_replayed(4, &batch(vec![stored(&[5], None, 0..2)]))
+                .len(),
+            1
+        );
+        assert_eq!(r.on_replayed(5, &five).len(), 1);
+        assert!(r.after_replay(5, &five).is_empty());
+        let s = r.stats();
+        assert_eq!((s.lost, s.clears, s.unhashable_blocks), (0, 0, 0));
+        // Nothing buffered at all: the live message is the start.
+        let mut r = RankRelay::new(100);
+        assert_eq!(r.on_live(9, &five), Live::Replay { from: 0 });
+        assert!(r.after_replay(9, &five).is_empty(), "its parent is unknown");
+        assert_eq!(r.stats().lost, 0);
+        assert_eq!(r.stats().unhashable_blocks, 1);
     }
 
     #[test]
