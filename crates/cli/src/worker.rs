@@ -100,6 +100,8 @@ async fn run_relay(
         block_size: a.block_size as u32,
         max_tracked: a.max_tracked_blocks as usize,
         replay_timeout: Duration::from_secs(5),
+        load_interval: Some(Duration::from_secs(1)),
+        num_gpu_blocks: a.num_gpu_blocks,
     };
     let plane = EventPlane::start(config).await?;
     let running = relay::start(&plane, settings).await?;

@@ -293,6 +293,10 @@ async fn relay_of_the_vllm_format_mirror_matches_the_engine() {
         .subscriber::<KvEventBatch>(&scope.channel(KV_EVENTS_TOPIC).unwrap())
         .await
         .unwrap();
+    let mut load = plane
+        .subscriber::<LoadMetrics>(&scope.channel(LOAD_METRICS_TOPIC).unwrap())
+        .await
+        .unwrap();
     let mut s = settings(&scope);
     s.engine.num_gpu_blocks = 24;
     s.vllm_events_port = Some(0);
@@ -313,6 +317,8 @@ async fn relay_of_the_vllm_format_mirror_matches_the_engine() {
             block_size: 4,
             max_tracked: 10_000,
             replay_timeout: Duration::from_secs(5),
+            load_interval: Some(Duration::from_millis(50)),
+            num_gpu_blocks: 0,
         },
     )
     .await

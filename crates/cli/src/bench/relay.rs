@@ -136,6 +136,8 @@ async fn once(
             block_size: a.block_size as u32,
             max_tracked: 1 << 22,
             replay_timeout: Duration::from_secs(1),
+            load_interval: None,
+            num_gpu_blocks: 0,
         },
     )
     .await?;

@@ -135,8 +135,10 @@ pub async fn start(plane: &EventPlane, s: MockWorkerSettings) -> anyhow::Result<
         },
     );
 
-    let mut registry = prometheus_client::registry::Registry::with_prefix("eventplane_worker");
-    engine.stats().register(&mut registry);
+    let mut registry = prometheus_client::registry::Registry::default();
+    engine
+        .stats()
+        .register(&mut registry, s.engine.block_size, s.engine.num_gpu_blocks);
     let app = router(ApiState {
         engine: engine.clone(),
         model: s.model.clone(),

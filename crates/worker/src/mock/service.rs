@@ -20,6 +20,7 @@ use std::time::Duration;
 use eventplane::Publisher;
 use eventplane_kv::event::{KvEventBatch, LoadMetrics, EVENT_VERSION};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
@@ -77,11 +78,43 @@ pub struct ServiceStats {
     kv_blocks_total: Gauge,
     running: Gauge,
     waiting: Gauge,
+    kv_usage: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl ServiceStats {
-    /// Adds every metric to `registry` (names get the registry's prefix).
-    pub fn register(&self, registry: &mut Registry) {
+    /// Adds every metric to `registry`: ours as `eventplane_worker_*`, and
+    /// the load gauges also under vLLM's names (`vllm:num_requests_running`,
+    /// `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
+    /// `vllm:cache_config_info`), so tools that read vLLM, our relay
+    /// included, read the mock engine the same way.
+    pub fn register(&self, root: &mut Registry, block_size: usize, num_gpu_blocks: usize) {
+        root.register(
+            "vllm:num_requests_running",
+            "Requests running (vLLM's name)",
+            self.running.clone(),
+        );
+        root.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting (vLLM's name)",
+            self.waiting.clone(),
+        );
+        root.register(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV blocks in use (vLLM's name)",
+            self.kv_usage.clone(),
+        );
+        let info = Family::<Vec<(String, String)>, Gauge>::default();
+        info.get_or_create(&vec![
+            ("block_size".to_owned(), block_size.to_string()),
+            ("num_gpu_blocks".to_owned(), num_gpu_blocks.to_string()),
+        ])
+        .set(1);
+        root.register(
+            "vllm:cache_config_info",
+            "KV cache configuration (vLLM's name)",
+            info,
+        );
+        let registry = root.sub_registry_with_prefix("eventplane_worker");
         let counters = [
             (
                 "requests",
@@ -433,6 +466,9 @@ impl Service {
         self.stats.kv_blocks_total.set(load.kv_blocks_total as i64);
         self.stats.running.set(i64::from(load.active_requests));
         self.stats.waiting.set(i64::from(load.waiting_requests));
+        self.stats
+            .kv_usage
+            .set(load.kv_blocks_used as f64 / load.kv_blocks_total.max(1) as f64);
         let since = self.last_load_at.map(|t| now.saturating_duration_since(t));
         let changed = self.last_load != Some(load);
         let due = force

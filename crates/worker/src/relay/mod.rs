@@ -5,9 +5,11 @@
 //! - [`decode`]: the engines' MessagePack formats, both encodings.
 //! - [`state`]: per-rank sequence tracking, replay, restarts and the
 //!   engine-hash → our-hash map (sans-IO).
+//! - [`load`]: the engine's load, read from its Prometheus metrics.
 //! - [`run`]: the sockets: a thread per rank, replay requests, publishing.
 
 pub mod decode;
+pub mod load;
 pub mod run;
 pub mod state;
 

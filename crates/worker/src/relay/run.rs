@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use eventplane::{EventPlane, Identity, Publisher, Scope};
 use eventplane_discovery::Registration;
-use eventplane_kv::event::{KvEventBatch, EVENT_VERSION, KV_EVENTS_TOPIC};
+use eventplane_kv::event::{KvEventBatch, EVENT_VERSION, KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC};
 use eventplane_kv::KvEvent;
 
+use super::load;
 use super::state::{Live, RankRelay, RelayStats};
 use crate::mock::{registration_key, WorkerAdvert};
 
@@ -55,6 +56,11 @@ pub struct RelaySettings {
     pub max_tracked: usize,
     /// How long a replay may take before what is missing counts as lost.
     pub replay_timeout: Duration,
+    /// Read the engine's load from `{engine_url}/metrics` this often and
+    /// publish it (`None`: do not).
+    pub load_interval: Option<Duration>,
+    /// The engine's KV blocks, when its metrics do not say.
+    pub num_gpu_blocks: u64,
 }
 
 /// A running relay. Dropping it stops the threads and withdraws the
@@ -111,6 +117,22 @@ pub async fn start(plane: &EventPlane, s: RelaySettings) -> anyhow::Result<Runni
         .with_context(|| format!("publishing on {channel}"))?;
     let ctx = zmq::Context::new();
     let stop = Arc::new(AtomicBool::new(false));
+    if let Some(interval) = s.load_interval {
+        let load_channel = s.scope.channel(LOAD_METRICS_TOPIC)?;
+        let load_publisher = plane
+            .publisher(&load_channel, Identity::new(s.worker_id))
+            .await
+            .with_context(|| format!("publishing on {load_channel}"))?;
+        tokio::spawn(load::scrape_loop(
+            s.engine_url.clone(),
+            s.worker_id,
+            s.num_gpu_blocks,
+            load_publisher,
+            interval,
+            Arc::clone(&stop),
+            Arc::new(load::ScrapeStats::default()),
+        ));
+    }
     let stats = Arc::new(Mutex::new(vec![RelayStats::default(); s.ranks.len()]));
     let mut threads = Vec::new();
     for (rank, endpoints) in s.ranks.iter().enumerate() {
@@ -158,7 +180,7 @@ pub async fn start(plane: &EventPlane, s: RelaySettings) -> anyhow::Result<Runni
         url: s.engine_url.clone(),
         model: s.model.clone(),
         block_size: s.block_size,
-        kv_blocks_total: 0,
+        kv_blocks_total: s.num_gpu_blocks,
         data_parallel_size: s.ranks.len() as u32,
         pid: std::process::id(),
     };
