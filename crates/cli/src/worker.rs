@@ -127,3 +127,29 @@ fn offset_port(endpoint: &str, offset: u32) -> anyhow::Result<String> {
     }
     Ok(format!("{head}:{}", port + offset))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::offset_port;
+
+    #[test]
+    fn rank_endpoints_offset_the_port() {
+        assert_eq!(
+            offset_port("tcp://10.0.0.1:5557", 2).unwrap(),
+            "tcp://10.0.0.1:5559"
+        );
+        assert_eq!(
+            offset_port("tcp://[::1]:5557", 0).unwrap(),
+            "tcp://[::1]:5557"
+        );
+        for bad in [
+            "ipc:///tmp/x:1",
+            "tcp://host",
+            "tcp://host:65535x",
+            "tcp://h:65535",
+        ] {
+            let offset = if bad == "tcp://h:65535" { 1 } else { 0 };
+            assert!(offset_port(bad, offset).is_err(), "{bad} accepted");
+        }
+    }
+}
