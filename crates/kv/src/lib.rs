@@ -5,6 +5,7 @@
 //! - [`event`]: the KV-event, load-metric and active-sequence messages.
 //! - [`index`]: the prefix index (fed by KV events; one writer, lock-free
 //!   readers) and the approximate index (fed by routing decisions).
+//! - [`router`]: active-sequence tracking and the worker choice.
 //! - [`tokenize`]: the built-in deterministic tokenizer.
 //! - [`workload`]: reading `*.kvops.jsonl` replay files for benchmarks.
 //!
@@ -14,6 +15,7 @@
 pub mod event;
 pub mod hash;
 pub mod index;
+pub mod router;
 pub mod tokenize;
 pub mod workload;
 
