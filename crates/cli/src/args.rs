@@ -37,6 +37,10 @@ pub enum Command {
     /// Run publishers and a subscriber on this machine, with nothing to
     /// install, and report what the subscriber saw.
     Demo(DemoArgs),
+    /// Run the frontend: an OpenAI-compatible API that routes each request
+    /// to the worker caching its prefix (found through discovery) and
+    /// proxies the answer.
+    Frontend(FrontendArgs),
     /// Run a worker: the mock engine (a simulated vLLM-style KV cache and
     /// scheduler with an OpenAI-compatible API) publishing KV events and
     /// load metrics, registered in discovery.
@@ -274,6 +278,63 @@ pub struct BenchPeerArgs {
     /// Messages per second (0: unpaced).
     #[arg(long)]
     pub rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RouterMode {
+    /// The cheapest worker by cost: cached prefix against load.
+    Kv,
+    /// Workers in turn.
+    RoundRobin,
+    /// A worker at random.
+    Random,
+}
+
+#[derive(Debug, Args)]
+pub struct FrontendArgs {
+    #[command(flatten)]
+    pub plane: PlaneArgs,
+    /// Namespace of the workers.
+    #[arg(long, short = 'n', default_value = "dynamo")]
+    pub namespace: String,
+    /// Component of the workers.
+    #[arg(long, short = 'c', default_value = "backend")]
+    pub component: String,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub http_host: std::net::IpAddr,
+    /// Port of the HTTP API (0: any free port; the URL is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub http_port: u16,
+    /// How to choose a worker.
+    #[arg(long, value_enum, default_value = "kv")]
+    pub router_mode: RouterMode,
+    /// Route without KV events: predict caches from our own decisions
+    /// (approximate index); opens no event-plane socket.
+    #[arg(long)]
+    pub no_kv_events: bool,
+    /// Weight of the prefill term in the cost (higher favours cache hits,
+    /// lower favours balance).
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub overlap_weight: f64,
+    /// Softmax temperature of the choice (0: always the cheapest, ties at
+    /// random).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub router_temperature: f64,
+    /// Tokens per block for hashing prompts [default: the workers' own,
+    /// from their registrations].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub block_size: Option<u32>,
+    /// This replica's id [default: random].
+    #[arg(long)]
+    pub router_id: Option<u64>,
+}
+
+fn non_negative_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a number ≥ 0, got `{s}`")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

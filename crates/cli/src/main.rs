@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod demo;
+mod frontend;
 mod pace;
 mod publish;
 mod tail;
@@ -72,5 +73,6 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,
         args::Command::Worker(a) => worker::run(a).await,
+        args::Command::Frontend(a) => frontend::run(a).await,
     }
 }

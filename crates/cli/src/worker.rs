@@ -60,7 +60,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn interrupted() -> anyhow::Result<()> {
+pub async fn interrupted() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

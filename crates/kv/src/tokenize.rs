@@ -20,6 +20,21 @@ use crate::hash::HASH_SEED;
 /// Token ids are below this.
 pub const VOCAB: u32 = 32_000;
 
+/// The built-in chat template: one `role: content` line per message, then
+/// `assistant:`. The mock engine and the frontend both apply it, so a chat
+/// request hashes the same on both sides.
+pub fn render_chat<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut text = String::new();
+    for (role, content) in messages {
+        text.push_str(role);
+        text.push_str(": ");
+        text.push_str(content);
+        text.push('\n');
+    }
+    text.push_str("assistant:");
+    text
+}
+
 /// Token ids of `text`.
 pub fn encode(text: &str) -> Vec<u32> {
     text.split_whitespace().map(word_token).collect()

@@ -5,8 +5,8 @@
 //!   events, ending `data: [DONE]`; with `stream_options.include_usage` a
 //!   last chunk carries `usage`).
 //! - `POST /v1/chat/completions`: `messages` (`role`, `content` string) are
-//!   rendered as one `role: content` line each, then `assistant:`, and
-//!   tokenized; `max_tokens` or `max_completion_tokens` (default 16);
+//!   rendered by the built-in chat template
+//!   ([`eventplane_kv::tokenize::render_chat`]) and tokenized; `max_tokens` or `max_completion_tokens` (default 16);
 //!   `stream` as above.
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
 //!
@@ -204,7 +204,11 @@ async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("`messages` is empty"));
     }
-    let prompt = tokenize::encode(&render_chat(&req.messages));
+    let prompt = tokenize::encode(&tokenize::render_chat(
+        req.messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str())),
+    ));
     let include_usage = req.stream_options.unwrap_or_default().include_usage;
     generate(
         &state,
@@ -215,20 +219,6 @@ async fn chat_completions(
         include_usage,
     )
     .await
-}
-
-/// The built-in chat template: one `role: content` line per message, then
-/// `assistant:`.
-fn render_chat(messages: &[ChatMessage]) -> String {
-    let mut text = String::new();
-    for m in messages {
-        text.push_str(&m.role);
-        text.push_str(": ");
-        text.push_str(&m.content);
-        text.push('\n');
-    }
-    text.push_str("assistant:");
-    text
 }
 
 async fn generate(

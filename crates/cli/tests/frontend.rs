@@ -1,0 +1,165 @@
+//! The frontend over real processes: three mock workers and a frontend,
+//! found through file discovery, KV events over ZMQ. Requests sharing a long
+//! prefix go to the worker that caches it; a worker killed with `SIGKILL`
+//! stops receiving traffic and the frontend keeps serving.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Proc;
+use eventplane::{Config, DiscoveryKind, Event, EventPlane, Scope, TransportKind};
+use eventplane_kv::event::{KvEventBatch, KV_EVENTS_TOPIC};
+use eventplane_kv::{block_hashes, tokenize, KvEvent, SeqHash};
+use serde_json::{json, Value};
+
+fn start_worker(dir: &std::path::Path, id: u64) -> Proc {
+    let p = Proc::spawn(
+        "worker",
+        Command::new(env!("CARGO_BIN_EXE_eventplane"))
+            .args(["worker", "--engine", "mock", "--worker-id", &id.to_string()])
+            .args(["--http-port", "0", "--block-size", "4", "--speedup", "100"])
+            .args([
+                "--event-plane",
+                "zmq",
+                "--discovery",
+                "file",
+                "--discovery-dir",
+            ])
+            .arg(dir)
+            .env("EVENTPLANE_LOG", "warn"),
+    );
+    p.until_type("ready");
+    p
+}
+
+async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u64, u64) {
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": prompt, "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (worker, cached) = (
+        header("x-eventplane-worker"),
+        header("x-eventplane-cached-blocks"),
+    );
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        status != 200 || body["usage"]["completion_tokens"] == 2,
+        "{body}"
+    );
+    (status, worker, cached)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_prefix_and_survives_a_killed_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut workers: Vec<Proc> = (1..=3).map(|id| start_worker(dir.path(), id)).collect();
+    let frontend = Proc::spawn(
+        "frontend",
+        Command::new(env!("CARGO_BIN_EXE_eventplane"))
+            .args(["frontend", "--http-port", "0"])
+            .args([
+                "--event-plane",
+                "zmq",
+                "--discovery",
+                "file",
+                "--discovery-dir",
+            ])
+            .arg(dir.path())
+            .env("EVENTPLANE_LOG", "warn"),
+    );
+    let url = frontend.until_type("ready")["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut joined = HashSet::new();
+    while joined.len() < 3 {
+        joined.insert(
+            frontend.until_type("worker_joined")["worker_id"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+
+    // Our own view of the KV events, to know when the first request's
+    // blocks are published (the frontend receives them at the same time).
+    let plane = EventPlane::start(Config {
+        transport: TransportKind::Zmq,
+        discovery: DiscoveryKind::File,
+        discovery_dir: Some(dir.path().to_path_buf()),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut events = plane
+        .subscriber::<KvEventBatch>(
+            &Scope::new("dynamo", "backend")
+                .unwrap()
+                .channel(KV_EVENTS_TOPIC)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut heard = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while heard < 3 {
+            if let Some(Event::Notice(eventplane::Notice::Joined { .. })) = events.recv().await {
+                heard += 1;
+            }
+        }
+    })
+    .await
+    .expect("joined the three workers' KV publishers");
+
+    let client = reqwest::Client::new();
+    let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
+    let (status, first_worker, _) = complete(&client, &url, &format!("{prefix}first")).await;
+    assert_eq!(status, 200);
+    let last_block: SeqHash = block_hashes(&tokenize::encode(&prefix), 4, None)
+        .last()
+        .unwrap()
+        .seq;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Event::Message(m)) = events.recv().await {
+                let has = m.value.events.iter().any(|e| matches!(e, KvEvent::Stored { blocks, .. } if blocks.iter().any(|b| b.seq == last_block)));
+                if has && m.value.worker_id == first_worker {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the first request's blocks were published");
+    for i in 0..5 {
+        let (status, worker, cached) = complete(&client, &url, &format!("{prefix}again {i}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(worker, first_worker, "request {i} went elsewhere");
+        assert!(cached >= 16, "request {i}: only {cached} blocks cached");
+    }
+
+    // Kill the worker that holds the prefix: traffic moves on.
+    let mut victim = workers.remove((first_worker - 1) as usize);
+    victim.signal(libc::SIGKILL);
+    victim.wait(); // reaped, so its pid is gone and discovery sees it dead
+    let left = frontend.until_type("worker_left");
+    assert_eq!(left["worker_id"], first_worker);
+    for i in 0..6 {
+        let (status, worker, _) = complete(&client, &url, &format!("{prefix}after {i}")).await;
+        assert_eq!(status, 200, "request {i} after the kill");
+        assert_ne!(worker, first_worker);
+    }
+    drop(victim);
+}
