@@ -13,9 +13,10 @@ use std::path::PathBuf;
 #[command(name = "eventplane", version)]
 pub struct Cli {
     /// Log level for messages on stderr (error, warn, info, debug, trace), or a
-    /// tracing filter; EVENTPLANE_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log: String,
+    /// tracing filter; EVENTPLANE_LOG overrides it [default: info; warn for
+    /// `demo`, whose output is its table].
+    #[arg(long, global = true)]
+    pub log: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -34,9 +35,13 @@ pub enum Command {
     /// Internal: the remote half of a two-process benchmark.
     #[command(hide = true)]
     BenchPeer(BenchPeerArgs),
-    /// Run publishers and a subscriber on this machine, with nothing to
-    /// install, and report what the subscriber saw.
+    /// The whole system on this machine, nothing to install: mock workers
+    /// and a frontend replaying a real trace, once per routing mode, then a
+    /// side-by-side table (prefix-cache hit rate, TTFT, latency, balance).
     Demo(DemoArgs),
+    /// Publishers and a subscriber under faults: a worker killed with
+    /// SIGKILL, a new one, one restarted; what the subscriber saw.
+    DemoFaults(DemoFaultsArgs),
     /// Run the frontend: an OpenAI-compatible API that routes each request
     /// to the worker caching its prefix (found through discovery) and
     /// proxies the answer.
@@ -429,6 +434,62 @@ fn positive_f64(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// The trace to replay (Mooncake format: timestamp, input_length,
+    /// output_length, hash_ids) [default: shared/data/mooncake/conversation_trace.jsonl,
+    /// looked up beside the project and the working directory].
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Replay only the first N requests of the trace.
+    #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Time compression: the trace's timestamps and the workers' simulated
+    /// GPU both run this many times faster than real time.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_f64)]
+    pub speedup: f64,
+    /// Mock workers.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: u64,
+    /// Tokens per block, and per trace hash id (the trace's blocks are 512
+    /// tokens; a smaller size keeps the demo fast with the same prefix
+    /// structure).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=512))]
+    pub block_size: u64,
+    /// KV blocks per worker (one trace hash id each).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(16..))]
+    pub num_gpu_blocks: u64,
+    /// Routing modes to compare, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kv,kv-no-events,round-robin,random"
+    )]
+    pub modes: Vec<DemoMode>,
+    /// Weight of the prefill term in the KV modes' cost (see `frontend
+    /// --overlap-weight`).
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub overlap_weight: f64,
+    /// Print the table as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the table as an SVG chart.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoMode {
+    /// KV-aware routing fed by KV events.
+    Kv,
+    /// KV-aware routing predicted from the router's own decisions.
+    KvNoEvents,
+    /// Workers in turn.
+    RoundRobin,
+    /// A worker at random.
+    Random,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoFaultsArgs {
     #[command(flatten)]
     pub plane: PlaneArgs,
     /// Number of publishers (workers).

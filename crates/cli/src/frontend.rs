@@ -55,11 +55,15 @@ pub async fn run(a: FrontendArgs) -> anyhow::Result<()> {
                 FleetChange::Left { worker_id } => {
                     json!({"type": "worker_left", "worker_id": worker_id})
                 }
+                FleetChange::KvJoined { worker_id } => {
+                    json!({"type": "kv_events_joined", "worker_id": worker_id})
+                }
             };
             println!("{line}");
         }
     });
     crate::worker::interrupted().await?;
     follow.abort();
+    frontend.stop();
     Ok(())
 }

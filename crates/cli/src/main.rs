@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod demo;
+mod demo_faults;
 mod frontend;
 mod pace;
 mod publish;
@@ -21,8 +22,13 @@ static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::Syste
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    let default_level = match cli.command {
+        args::Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    let level = cli.log.as_deref().unwrap_or(default_level);
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.as_str()));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -72,6 +78,7 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         },
         args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,
+        args::Command::DemoFaults(a) => demo_faults::run(a).await,
         args::Command::Worker(a) => worker::run(a).await,
         args::Command::Frontend(a) => frontend::run(a).await,
     }

@@ -57,19 +57,41 @@ pub enum FleetChange {
         /// Its id.
         worker_id: u64,
     },
+    /// The KV-event subscriber is connected to a worker's publisher (its
+    /// events from now on reach the index).
+    KvJoined {
+        /// The worker (its publisher id).
+        worker_id: u64,
+    },
 }
 
-/// A running frontend; its tasks stop with the runtime.
+/// A running frontend. Dropping it (or [`RunningFrontend::stop`]) stops
+/// its tasks and its HTTP API.
 pub struct RunningFrontend {
     /// Base URL of its API.
     pub url: String,
     /// The router (for tests and embedding).
     pub router: Arc<Mutex<Router>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningFrontend {
+    /// Stops serving.
+    pub fn stop(self) {}
+}
+
+impl Drop for RunningFrontend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// Starts a frontend on `plane`.
 pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<RunningFrontend> {
     let (purge_tx, purge_rx) = mpsc::channel::<Vec<WorkerKey>>(1024);
+    let mut tasks = Vec::new();
     let view = if s.no_kv_events {
         approx_view()
     } else {
@@ -80,7 +102,12 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
             .subscriber::<KvEventBatch>(&channel)
             .await
             .with_context(|| format!("subscribing to {channel}"))?;
-        tokio::spawn(index_task(index, sub, purge_rx));
+        tasks.push(tokio::spawn(index_task(
+            index,
+            sub,
+            purge_rx,
+            s.fleet_changes.clone(),
+        )));
         view
     };
     let router = Arc::new(Mutex::new(Router::new(s.router, view)));
@@ -91,7 +118,7 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
             .subscriber::<LoadMetrics>(&channel)
             .await
             .with_context(|| format!("subscribing to {channel}"))?;
-        tokio::spawn(load_task(Arc::clone(&router), sub));
+        tasks.push(tokio::spawn(load_task(Arc::clone(&router), sub)));
     }
 
     let prefix = registration_prefix(&s.scope);
@@ -100,13 +127,13 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
         .watch(&prefix)
         .await
         .with_context(|| format!("watching {prefix} in discovery"))?;
-    tokio::spawn(discovery_task(
+    tasks.push(tokio::spawn(discovery_task(
         Arc::clone(&router),
         watch,
         purge_tx,
         s.fleet_changes.clone(),
-    ));
-    tokio::spawn(expiry_task(Arc::clone(&router)));
+    )));
+    tasks.push(tokio::spawn(expiry_task(Arc::clone(&router))));
 
     let stats = ApiStats::default();
     let mut registry = Registry::with_prefix("eventplane_frontend");
@@ -124,13 +151,13 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
         .await
         .with_context(|| format!("binding the HTTP API on {}", s.http))?;
     let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the HTTP API stopped");
         }
-    });
+    }));
     tracing::info!(%url, no_kv_events = s.no_kv_events, mode = ?s.router.mode, "frontend serving");
-    Ok(RunningFrontend { url, router })
+    Ok(RunningFrontend { url, router, tasks })
 }
 
 async fn discovery_task(
@@ -187,6 +214,7 @@ async fn index_task(
     mut index: PrefixIndex,
     mut sub: eventplane::Subscriber<KvEventBatch>,
     mut purge: mpsc::Receiver<Vec<WorkerKey>>,
+    changes: Option<mpsc::Sender<FleetChange>>,
 ) {
     let mut unsupported = 0u64;
     loop {
@@ -205,6 +233,9 @@ async fn index_task(
                     }
                 }
                 Some(Event::Notice(n)) => {
+                    if let (Notice::Joined { publisher_id, .. }, Some(tx)) = (&n, &changes) {
+                        let _ = tx.try_send(FleetChange::KvJoined { worker_id: *publisher_id });
+                    }
                     if let Notice::Gap { publisher_id, .. } | Notice::Restarted { publisher_id, .. } = n {
                         // Its cache is no longer known: forget it.
                         let ranks: Vec<WorkerKey> = index.workers().filter(|w| w.worker_id == publisher_id).collect();
