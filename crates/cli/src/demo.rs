@@ -444,15 +444,8 @@ fn oracle_hit_rate(trace: &[TraceRequest], capacity: usize) -> f64 {
 fn print_table(rows: &[Row], oracle: f64) {
     println!();
     println!(
-        "{:<18} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12}  {}",
-        "mode",
-        "requests",
-        "hit rate",
-        "TTFT p50 ms",
-        "TTFT p99 ms",
-        "e2e p50 ms",
-        "e2e p99 ms",
-        "requests per worker"
+        "{:<18} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12}  requests per worker",
+        "mode", "requests", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "e2e p50 ms", "e2e p99 ms"
     );
     for r in rows {
         let failed = if r.failed > 0 {
