@@ -213,6 +213,9 @@ async fn serves_openai_and_publishes_what_it_caches() {
         text.contains("eventplane_worker_cached_tokens_total 8"),
         "{text}"
     );
+    // vLLM's gauge names too, so tools that read vLLM read the mock.
+    assert!(text.contains("vllm:num_requests_running"), "{text}");
+    assert!(text.contains("num_gpu_blocks=\"256\""), "{text}");
     worker.stop();
 }
 
@@ -394,6 +397,22 @@ async fn relay_of_the_vllm_format_mirror_matches_the_engine() {
         (s.lost, s.decode_errors, s.unhashable_blocks),
         (0, 0, 0),
         "{s:?}"
+    );
+    // The relay also reports the engine's load, read from its metrics.
+    let relayed_load = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(Event::Message(m)) = load.recv().await {
+                if m.value.worker_id == 99 {
+                    return m.value;
+                }
+            }
+        }
+    })
+    .await
+    .expect("load metrics from the relay");
+    assert_eq!(
+        relayed_load.kv_blocks_total, 24,
+        "read from vllm:cache_config_info"
     );
     relay.stop();
     worker.stop();
