@@ -318,6 +318,11 @@ pub struct FrontendArgs {
     /// (approximate index); opens no event-plane socket.
     #[arg(long)]
     pub no_kv_events: bool,
+    /// Share request bookings with the other frontends of the same
+    /// namespace and component over the event plane, so all route on one
+    /// view of load.
+    #[arg(long)]
+    pub router_replica_sync: bool,
     /// Weight of the prefill term in the cost (higher favours cache hits,
     /// lower favours balance).
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]

@@ -236,6 +236,7 @@ async fn run_mode(a: &DemoArgs, mode: DemoMode, trace: &[TraceRequest]) -> anyho
                 booking_ttl: Duration::from_secs(600),
             },
             no_kv_events,
+            replica_sync: false,
             scope,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             fleet_changes: Some(changes_tx),

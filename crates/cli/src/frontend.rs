@@ -37,6 +37,7 @@ pub async fn run(a: FrontendArgs) -> anyhow::Result<()> {
             booking_ttl: Duration::from_secs(600),
         },
         no_kv_events: a.no_kv_events,
+        replica_sync: a.router_replica_sync,
         scope: scope.clone(),
         http: SocketAddr::new(a.http_host, a.http_port),
         fleet_changes: Some(changes_tx),

@@ -76,6 +76,19 @@ pub struct ApiState {
     pub stats: ApiStats,
     /// Everything `/metrics` serves.
     pub metrics: Arc<Registry>,
+    /// With replica sync: where our booking changes go.
+    pub sync: Option<eventplane::Publisher>,
+}
+
+/// Publishes the router's queued booking changes (replica sync).
+pub fn publish_outbox(router: &mut Router, sync: &Option<eventplane::Publisher>) {
+    if let Some(p) = sync {
+        for e in router.take_outbox() {
+            if let Err(e) = p.publish(&e) {
+                tracing::debug!(error = %e, "publishing a booking change failed");
+            }
+        }
+    }
 }
 
 /// The API's routes.
@@ -145,6 +158,7 @@ async fn chat_completions(State(state): State<ApiState>, body: Bytes) -> Respons
 /// Frees a booking when the answer ends, however it ends.
 struct Booking {
     router: Arc<Mutex<Router>>,
+    sync: Option<eventplane::Publisher>,
     key: RequestKey,
     first_byte: bool,
 }
@@ -155,6 +169,7 @@ impl Booking {
             self.first_byte = true;
             if let Ok(mut r) = self.router.lock() {
                 r.prefill_completed(&self.key, Instant::now());
+                publish_outbox(&mut r, &self.sync);
             }
         }
     }
@@ -164,6 +179,7 @@ impl Drop for Booking {
     fn drop(&mut self) {
         if let Ok(mut r) = self.router.lock() {
             r.free(&self.key);
+            publish_outbox(&mut r, &self.sync);
         }
     }
 }
@@ -192,11 +208,11 @@ async fn forward(
             return error(StatusCode::BAD_REQUEST, "invalid_request_error", e);
         }
     };
-    let routed = state
-        .router
-        .lock()
-        .ok()
-        .and_then(|mut r| r.route(&tokens, Instant::now()));
+    let routed = state.router.lock().ok().and_then(|mut r| {
+        let routed = r.route(&tokens, Instant::now());
+        publish_outbox(&mut r, &state.sync);
+        routed
+    });
     let Some(routed) = routed else {
         state.stats.no_worker.inc();
         return error(
@@ -207,6 +223,7 @@ async fn forward(
     };
     let mut booking = Booking {
         router: Arc::clone(&state.router),
+        sync: state.sync.clone(),
         key: routed.key.clone(),
         first_byte: false,
     };

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use eventplane_kv::event::LoadMetrics;
+use eventplane_kv::event::{ActiveSequenceChange, ActiveSequenceEvent, LoadMetrics, EVENT_VERSION};
 use eventplane_kv::router::{choose, ActiveSequences, Candidate, RequestKey, Weights};
 use eventplane_kv::{
     block_hashes, ApproxConfig, ApproxIndex, IndexReader, Matches, SeqHash, WorkerKey,
@@ -93,6 +93,21 @@ pub struct Router {
     next_request: u64,
     rng: StdRng,
     stats: RouterStats,
+    /// With replica sync: our bookings' changes, for peers (drained by
+    /// [`Router::take_outbox`]).
+    outbox: Option<Vec<ActiveSequenceEvent>>,
+    /// Our live bookings, for periodic re-announcement to peers.
+    ours: HashMap<RequestKey, OwnBooking>,
+}
+
+/// What we re-announce of one of our bookings.
+#[derive(Debug, Clone)]
+struct OwnBooking {
+    worker: WorkerKey,
+    blocks: Vec<SeqHash>,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+    prefilled: bool,
 }
 
 impl Router {
@@ -109,6 +124,98 @@ impl Router {
             next_request: 0,
             rng: StdRng::from_os_rng(),
             stats: RouterStats::default(),
+            outbox: None,
+            ours: HashMap::new(),
+        }
+    }
+
+    /// Share bookings with router replicas: from now on, changes to our
+    /// bookings are queued for [`Router::take_outbox`].
+    pub fn enable_replica_sync(&mut self) {
+        self.outbox.get_or_insert_with(Vec::new);
+    }
+
+    /// Our booking changes since the last call, to publish to peers.
+    pub fn take_outbox(&mut self) -> Vec<ActiveSequenceEvent> {
+        self.outbox.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Every live booking of ours, as events a peer that starts late (or
+    /// missed some) can rebuild them from; queued in the outbox.
+    pub fn reannounce(&mut self) {
+        if self.outbox.is_none() {
+            return;
+        }
+        let mut events = Vec::new();
+        for (key, b) in &self.ours {
+            events.push(self.event(key, b.worker, added(b)));
+            if b.prefilled {
+                events.push(self.event(key, b.worker, ActiveSequenceChange::PrefillCompleted));
+            }
+        }
+        if let Some(o) = &mut self.outbox {
+            o.extend(events);
+        }
+    }
+
+    /// A peer replica's booking change. Our own echoes are ignored.
+    pub fn apply_peer(&mut self, e: &ActiveSequenceEvent, now: Instant) {
+        if e.router_id == self.settings.router_id {
+            return;
+        }
+        let key = RequestKey {
+            router_id: e.router_id,
+            request_id: e.request_id.clone(),
+        };
+        match &e.change {
+            ActiveSequenceChange::Added {
+                blocks,
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                let prefill = u64::from(prompt_tokens.saturating_sub(*cached_tokens));
+                self.active
+                    .add(key, e.worker(), blocks.clone(), prefill, now);
+            }
+            ActiveSequenceChange::PrefillCompleted => {
+                self.active.prefill_completed(&key, now);
+            }
+            ActiveSequenceChange::Freed => {
+                self.active.free(&key);
+            }
+        }
+    }
+
+    /// A peer replica is gone or restarted: drop its bookings (a live one
+    /// re-announces what it still has).
+    pub fn forget_peer(&mut self, router_id: u64) {
+        if router_id != self.settings.router_id {
+            self.active.remove_router(router_id);
+        }
+    }
+
+    fn event(
+        &self,
+        key: &RequestKey,
+        worker: WorkerKey,
+        change: ActiveSequenceChange,
+    ) -> ActiveSequenceEvent {
+        ActiveSequenceEvent {
+            version: EVENT_VERSION,
+            router_id: self.settings.router_id,
+            request_id: key.request_id.clone(),
+            worker_id: worker.worker_id,
+            dp_rank: worker.dp_rank,
+            change,
+        }
+    }
+
+    fn emit(&mut self, key: &RequestKey, worker: WorkerKey, change: ActiveSequenceChange) {
+        if self.outbox.is_some() {
+            let e = self.event(key, worker, change);
+            if let Some(o) = &mut self.outbox {
+                o.push(e);
+            }
         }
     }
 
@@ -244,6 +351,17 @@ impl Router {
             (tokens.len() as u64).saturating_sub(u64::from(cached_blocks) * u64::from(bs));
         self.active
             .add(key.clone(), worker, seqs.clone(), uncached, now);
+        if self.outbox.is_some() {
+            let own = OwnBooking {
+                worker,
+                blocks: seqs.clone(),
+                prompt_tokens: tokens.len() as u32,
+                cached_tokens: (tokens.len() as u64 - uncached) as u32,
+                prefilled: false,
+            };
+            self.emit(&key, worker, added(&own));
+            self.ours.insert(key.clone(), own);
+        }
         if let CacheView::Approx(a) = &mut self.view {
             a.record_routing(worker, &seqs, now);
         }
@@ -263,11 +381,19 @@ impl Router {
     /// The request's first token arrived.
     pub fn prefill_completed(&mut self, key: &RequestKey, now: Instant) {
         self.active.prefill_completed(key, now);
+        if let Some(b) = self.ours.get_mut(key) {
+            b.prefilled = true;
+            let worker = b.worker;
+            self.emit(key, worker, ActiveSequenceChange::PrefillCompleted);
+        }
     }
 
     /// The request ended (finished, failed, or its client left).
     pub fn free(&mut self, key: &RequestKey) {
         self.active.free(key);
+        if let Some(b) = self.ours.remove(key) {
+            self.emit(key, b.worker, ActiveSequenceChange::Freed);
+        }
     }
 
     /// Drops bookings whose end was lost; returns how many.
@@ -288,6 +414,14 @@ impl Router {
     /// The settings.
     pub fn settings(&self) -> &RouterSettings {
         &self.settings
+    }
+}
+
+fn added(b: &OwnBooking) -> ActiveSequenceChange {
+    ActiveSequenceChange::Added {
+        blocks: b.blocks.clone(),
+        prompt_tokens: b.prompt_tokens,
+        cached_tokens: b.cached_tokens,
     }
 }
 
@@ -360,6 +494,54 @@ mod tests {
         let again = r.route(&prompt, now).unwrap();
         assert_eq!(again.worker, first.worker, "sent where it was sent before");
         assert_eq!(again.cached_blocks, 8);
+    }
+
+    #[test]
+    fn replicas_share_bookings_and_late_ones_converge() {
+        let mut a = Router::new(settings(Mode::RoundRobin), approx_view());
+        let mut b = Router::new(
+            RouterSettings {
+                router_id: 2,
+                ..settings(Mode::RoundRobin)
+            },
+            approx_view(),
+        );
+        for r in [&mut a, &mut b] {
+            r.enable_replica_sync();
+            r.add_worker(advert(1));
+        }
+        let now = Instant::now();
+        let w = WorkerKey::new(1);
+        let x = a.route(&(0..8).collect::<Vec<u32>>(), now).unwrap();
+        let y = a.route(&(100..108).collect::<Vec<u32>>(), now).unwrap();
+        a.prefill_completed(&x.key, now);
+        for e in a.take_outbox() {
+            b.apply_peer(&e, now);
+            a.apply_peer(&e, now); // our own echo: ignored
+        }
+        assert_eq!(b.booked(w), a.booked(w));
+        assert_eq!(a.booked(w).requests, 2);
+        // A replica that starts now learns the same from a re-announcement.
+        let mut late = Router::new(
+            RouterSettings {
+                router_id: 3,
+                ..settings(Mode::RoundRobin)
+            },
+            approx_view(),
+        );
+        late.add_worker(advert(1));
+        a.reannounce();
+        for e in a.take_outbox() {
+            late.apply_peer(&e, now);
+        }
+        assert_eq!(late.booked(w), a.booked(w));
+        a.free(&y.key);
+        for e in a.take_outbox() {
+            b.apply_peer(&e, now);
+        }
+        assert_eq!(b.booked(w), a.booked(w));
+        b.forget_peer(1);
+        assert_eq!(b.booked(w).requests, 0);
     }
 
     #[test]

@@ -12,17 +12,26 @@
 //!   worker.
 //! - Every second, bookings whose end was lost expire.
 //!
-//! With `--no-kv-events` the frontend opens no event-plane socket at all:
-//! discovery is its only input, and the approximate index stands in.
+//! - **Replica sync** (`--router-replica-sync`): our booking changes go out
+//!   on `active-sequences` as they happen, and every second all our live
+//!   bookings are re-announced; peers' bookings are applied to our load
+//!   view, and dropped when a peer restarts, loses messages or leaves.
+//!
+//! With `--no-kv-events` the frontend opens no event-plane socket, except
+//! the active-sequences channel if replica sync is asked for: discovery is
+//! its only input, and the approximate index stands in.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use eventplane::{Event, EventPlane, Notice, Scope};
+use eventplane::{Event, EventPlane, Notice, PublisherChange, Scope};
 use eventplane_discovery::WatchEvent;
-use eventplane_kv::event::{KvEventBatch, LoadMetrics, KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC};
+use eventplane_kv::event::{
+    ActiveSequenceEvent, KvEventBatch, LoadMetrics, ACTIVE_SEQUENCES_TOPIC, KV_EVENTS_TOPIC,
+    LOAD_METRICS_TOPIC,
+};
 use eventplane_kv::{PrefixIndex, WorkerKey};
 use eventplane_worker::mock::{registration_prefix, WorkerAdvert};
 use prometheus_client::registry::Registry;
@@ -38,6 +47,9 @@ pub struct FrontendSettings {
     pub router: RouterSettings,
     /// Route without KV events (approximate index, no event-plane socket).
     pub no_kv_events: bool,
+    /// Share bookings with the other frontends of the same scope over the
+    /// event plane (`active-sequences`), so all see one load.
+    pub replica_sync: bool,
     /// Where the workers publish and register.
     pub scope: Scope,
     /// Address of the HTTP API (port 0: any free port).
@@ -112,6 +124,32 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
     };
     let router = Arc::new(Mutex::new(Router::new(s.router, view)));
 
+    let sync = if s.replica_sync {
+        if s.no_kv_events {
+            tracing::info!("--no-kv-events with replica sync: the active-sequences channel is this frontend's one event-plane socket");
+        }
+        let channel = s.scope.channel(ACTIVE_SEQUENCES_TOPIC)?;
+        let sub = plane
+            .subscriber::<ActiveSequenceEvent>(&channel)
+            .await
+            .with_context(|| format!("subscribing to {channel}"))?;
+        let publisher = plane
+            .publisher(&channel, eventplane::Identity::new(s.router.router_id))
+            .await
+            .with_context(|| format!("publishing on {channel}"))?;
+        if let Ok(mut r) = router.lock() {
+            r.enable_replica_sync();
+        }
+        tasks.push(tokio::spawn(sync_task(Arc::clone(&router), sub)));
+        tasks.push(tokio::spawn(reannounce_task(
+            Arc::clone(&router),
+            publisher.clone(),
+        )));
+        Some(publisher)
+    } else {
+        None
+    };
+
     if !s.no_kv_events {
         let channel = s.scope.channel(LOAD_METRICS_TOPIC)?;
         let sub = plane
@@ -146,6 +184,7 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
             .context("building the HTTP client")?,
         stats,
         metrics: Arc::new(registry),
+        sync,
     });
     let listener = tokio::net::TcpListener::bind(s.http)
         .await
@@ -248,6 +287,43 @@ async fn index_task(
                 Some(Event::Discovery(_)) => {}
                 None => return,
             },
+        }
+    }
+}
+
+async fn sync_task(
+    router: Arc<Mutex<Router>>,
+    mut sub: eventplane::Subscriber<ActiveSequenceEvent>,
+) {
+    while let Some(event) = sub.recv().await {
+        let Ok(mut r) = router.lock() else { return };
+        match event {
+            Event::Message(m) => r.apply_peer(&m.value, Instant::now()),
+            // A peer that restarted, lost messages or left: drop its
+            // bookings; a live one re-announces what it has within a second.
+            Event::Notice(
+                Notice::Gap { publisher_id, .. } | Notice::Restarted { publisher_id, .. },
+            ) => {
+                r.forget_peer(publisher_id);
+            }
+            Event::Discovery(PublisherChange::Removed {
+                publisher_id: Some(id),
+                ..
+            }) => r.forget_peer(id),
+            _ => {}
+        }
+    }
+}
+
+/// Re-announces our live bookings every second, so a replica that starts
+/// late, or forgot us after a gap, converges.
+async fn reannounce_task(router: Arc<Mutex<Router>>, publisher: eventplane::Publisher) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Ok(mut r) = router.lock() {
+            r.reannounce();
+            crate::http::publish_outbox(&mut r, &Some(publisher.clone()));
         }
     }
 }
