@@ -192,6 +192,26 @@ pub enum BenchTarget {
     /// can, the relay decoding, re-hashing and republishing them, and a
     /// subscriber receiving them; block events per second end to end.
     Relay(RelayBenchArgs),
+    /// The frontend's routing overhead: requests at a fixed rate through a
+    /// KV-routing frontend to mock workers that compute nothing; time to
+    /// the first byte of the answer.
+    Frontend(FrontendBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FrontendBenchArgs {
+    /// Requests per second offered (open loop).
+    #[arg(long, default_value_t = 1000.0, value_parser = positive_f64)]
+    pub rate: f64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_f64)]
+    pub seconds: f64,
+    /// Mock workers behind the frontend.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: u64,
+    /// Blocks (of 16 tokens) per prompt; prompts share prefixes.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub prompt_blocks: u64,
 }
 
 #[derive(Debug, Args)]

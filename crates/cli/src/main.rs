@@ -75,6 +75,7 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
             args::BenchTarget::Transport(a) => bench::transport::run(a).await,
             args::BenchTarget::Index(a) => bench::index::run(a),
             args::BenchTarget::Relay(a) => bench::relay::run(a).await,
+            args::BenchTarget::Frontend(a) => bench::frontend::run(a).await,
         },
         args::Command::BenchPeer(a) => bench::transport::peer(a).await,
         args::Command::Demo(a) => demo::run(a).await,

@@ -294,6 +294,7 @@ pub fn spawn(
     };
     let task = tokio::spawn(
         Service {
+            engine_clock: Instant::now(),
             engine,
             rx,
             publishers,
@@ -310,7 +311,12 @@ pub fn spawn(
     (handle, task)
 }
 
+/// The timer's resolution: shorter waits are not worth a sleep.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 struct Service {
+    /// Simulated time: when the last step's work ends.
+    engine_clock: Instant,
     engine: Engine,
     rx: mpsc::Receiver<Submission>,
     publishers: Option<Publishers>,
@@ -352,8 +358,17 @@ impl Service {
             }
             self.publish_events();
             self.publish_load(started, false);
-            // The simulated GPU is busy for the step's duration.
-            tokio::time::sleep_until(started + step.duration).await;
+            // The simulated GPU is busy for the step's duration. Engine time
+            // may run ahead of the wall clock by up to a timer tick (1 ms)
+            // before we sleep: sleeping for each sub-millisecond step would
+            // round every one up to a whole tick.
+            let engine_now = self.engine_clock.max(started) + step.duration;
+            self.engine_clock = engine_now;
+            if engine_now > Instant::now() + TIMER_TICK {
+                tokio::time::sleep_until(engine_now).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
         }
         tracing::debug!("engine task stopped: no handle left");
     }
