@@ -190,6 +190,13 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
         .await
         .with_context(|| format!("binding the HTTP API on {}", s.http))?;
     let url = format!("http://{}", listener.local_addr()?);
+    // Streamed answers are many small writes: without TCP_NODELAY, Nagle's
+    // algorithm and delayed ACKs hold them back ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the HTTP API stopped");
