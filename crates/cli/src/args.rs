@@ -358,6 +358,10 @@ pub struct FrontendArgs {
     /// This replica's id [default: random].
     #[arg(long)]
     pub router_id: Option<u64>,
+    /// A Hugging Face tokenizer.json to tokenize prompts with (it must be
+    /// the workers' own) [default: the built-in tokenizer of the mock engine].
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 fn non_negative_f64(s: &str) -> Result<f64, String> {

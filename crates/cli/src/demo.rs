@@ -237,6 +237,7 @@ async fn run_mode(a: &DemoArgs, mode: DemoMode, trace: &[TraceRequest]) -> anyho
             },
             no_kv_events,
             replica_sync: false,
+            tokenizer: None,
             scope,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             fleet_changes: Some(changes_tx),

@@ -38,6 +38,7 @@ pub async fn run(a: FrontendArgs) -> anyhow::Result<()> {
         },
         no_kv_events: a.no_kv_events,
         replica_sync: a.router_replica_sync,
+        tokenizer: a.tokenizer.clone(),
         scope: scope.clone(),
         http: SocketAddr::new(a.http_host, a.http_port),
         fleet_changes: Some(changes_tx),

@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
 use crate::router::Router;
+use crate::tokenizer::PromptTokenizer;
 
 /// Counters served on `/metrics`.
 #[derive(Debug, Default, Clone)]
@@ -78,6 +79,8 @@ pub struct ApiState {
     pub metrics: Arc<Registry>,
     /// With replica sync: where our booking changes go.
     pub sync: Option<eventplane::Publisher>,
+    /// Prompts to token ids.
+    pub tokenizer: Arc<PromptTokenizer>,
 }
 
 /// Publishes the router's queued booking changes (replica sync).
@@ -108,9 +111,9 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
 }
 
 /// The prompt of a completion request, as token ids.
-fn completion_tokens(v: &Value) -> Result<Vec<u32>, String> {
+fn completion_tokens(t: &PromptTokenizer, v: &Value) -> Result<Vec<u32>, String> {
     match v.get("prompt") {
-        Some(Value::String(text)) => Ok(tokenize::encode(text)),
+        Some(Value::String(text)) => t.encode(text),
         Some(Value::Array(ids)) => ids
             .iter()
             .map(|t| {
@@ -127,7 +130,7 @@ fn completion_tokens(v: &Value) -> Result<Vec<u32>, String> {
 }
 
 /// The prompt of a chat request, rendered and tokenized.
-fn chat_tokens(v: &Value) -> Result<Vec<u32>, String> {
+fn chat_tokens(t: &PromptTokenizer, v: &Value) -> Result<Vec<u32>, String> {
     let messages = v
         .get("messages")
         .and_then(Value::as_array)
@@ -144,7 +147,7 @@ fn chat_tokens(v: &Value) -> Result<Vec<u32>, String> {
             .ok_or("a message needs a string `content`")?;
         pairs.push((role, content));
     }
-    Ok(tokenize::encode(&tokenize::render_chat(pairs)))
+    t.encode(&tokenize::render_chat(pairs))
 }
 
 async fn completions(State(state): State<ApiState>, body: Bytes) -> Response {
@@ -188,7 +191,7 @@ async fn forward(
     state: ApiState,
     path: &str,
     body: Bytes,
-    tokens_of: fn(&Value) -> Result<Vec<u32>, String>,
+    tokens_of: fn(&PromptTokenizer, &Value) -> Result<Vec<u32>, String>,
 ) -> Response {
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -201,7 +204,7 @@ async fn forward(
             );
         }
     };
-    let tokens = match tokens_of(&parsed) {
+    let tokens = match tokens_of(&state.tokenizer, &parsed) {
         Ok(t) => t,
         Err(e) => {
             state.stats.bad_requests.inc();

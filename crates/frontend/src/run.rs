@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 
 use crate::http::{routes, ApiState, ApiStats};
 use crate::router::{approx_view, CacheView, Router, RouterSettings};
+use crate::tokenizer::PromptTokenizer;
 
 /// How to run a frontend.
 #[derive(Debug, Clone)]
@@ -54,6 +55,9 @@ pub struct FrontendSettings {
     pub scope: Scope,
     /// Address of the HTTP API (port 0: any free port).
     pub http: SocketAddr,
+    /// A Hugging Face `tokenizer.json` for prompts (`None`: the built-in
+    /// tokenizer).
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Told of every fleet change once the router has applied it (a full
     /// channel drops the notice, never blocks routing).
     pub fleet_changes: Option<mpsc::Sender<FleetChange>>,
@@ -102,6 +106,10 @@ impl Drop for RunningFrontend {
 
 /// Starts a frontend on `plane`.
 pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<RunningFrontend> {
+    let tokenizer = Arc::new(match &s.tokenizer {
+        Some(path) => PromptTokenizer::from_file(path)?,
+        None => PromptTokenizer::BuiltIn,
+    });
     let (purge_tx, purge_rx) = mpsc::channel::<Vec<WorkerKey>>(1024);
     let mut tasks = Vec::new();
     let view = if s.no_kv_events {
@@ -185,6 +193,7 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
         stats,
         metrics: Arc::new(registry),
         sync,
+        tokenizer,
     });
     let listener = tokio::net::TcpListener::bind(s.http)
         .await

@@ -42,6 +42,7 @@ async fn frontend(plane: &EventPlane, scope: &Scope, router_id: u64) -> RunningF
             },
             no_kv_events: false,
             replica_sync: true,
+            tokenizer: None,
             scope: scope.clone(),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             fleet_changes: Some(tx),

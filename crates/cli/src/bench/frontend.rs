@@ -78,6 +78,7 @@ pub async fn run(a: FrontendBenchArgs) -> anyhow::Result<()> {
             },
             no_kv_events: false,
             replica_sync: false,
+            tokenizer: None,
             scope,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             fleet_changes: Some(tx),
