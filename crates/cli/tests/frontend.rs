@@ -163,3 +163,120 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
     }
     drop(victim);
 }
+
+/// The booked load both frontends show for every worker.
+async fn booked(client: &reqwest::Client, url: &str) -> Vec<(u64, Value)> {
+    let v: Value = client
+        .get(format!("{url}/router/workers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out: Vec<(u64, Value)> = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["worker_id"].as_u64().unwrap(), w["booked"].clone()))
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
+/// Polls both frontends until they show the same booked load with
+/// `requests` requests on the worker; returns how long it took.
+async fn replicas_agree(client: &reqwest::Client, a: &str, b: &str, requests: u64) -> Duration {
+    let since = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (va, vb) = (booked(client, a).await, booked(client, b).await);
+            if va == vb
+                && va
+                    .iter()
+                    .map(|(_, l)| l["requests"].as_u64().unwrap())
+                    .sum::<u64>()
+                    == requests
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the two frontends never agreed on {requests} request(s)"));
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_frontends_with_replica_sync_agree_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real-time worker, so a long request stays in flight.
+    let worker = Proc::spawn(
+        "worker",
+        Command::new(env!("CARGO_BIN_EXE_eventplane"))
+            .args([
+                "worker",
+                "--engine",
+                "mock",
+                "--worker-id",
+                "9",
+                "--http-port",
+                "0",
+                "--block-size",
+                "4",
+            ])
+            .args([
+                "--event-plane",
+                "zmq",
+                "--discovery",
+                "file",
+                "--discovery-dir",
+            ])
+            .arg(dir.path())
+            .env("EVENTPLANE_LOG", "warn"),
+    );
+    worker.until_type("ready");
+    let start_frontend = |id: &str| {
+        let f = Proc::spawn(
+            "frontend",
+            Command::new(env!("CARGO_BIN_EXE_eventplane"))
+                .args([
+                    "frontend",
+                    "--http-port",
+                    "0",
+                    "--router-replica-sync",
+                    "--router-id",
+                    id,
+                ])
+                .args([
+                    "--event-plane",
+                    "zmq",
+                    "--discovery",
+                    "file",
+                    "--discovery-dir",
+                ])
+                .arg(dir.path())
+                .env("EVENTPLANE_LOG", "warn"),
+        );
+        let url = f.until_type("ready")["url"].as_str().unwrap().to_owned();
+        f.until_type("worker_joined");
+        (f, url)
+    };
+    let (_fa, a) = start_frontend("1");
+    let (_fb, b) = start_frontend("2");
+    let client = reqwest::Client::new();
+    replicas_agree(&client, &a, &b, 0).await;
+
+    let mut response = client
+        .post(format!("{a}/v1/completions"))
+        .json(&json!({"prompt": "one two three four five six seven eight", "max_tokens": 3000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    response.chunk().await.unwrap().expect("first token");
+    let booked_after = replicas_agree(&client, &a, &b, 1).await;
+    drop(response);
+    let freed_after = replicas_agree(&client, &a, &b, 0).await;
+    eprintln!("frontend B agreed {booked_after:?} after the booking was seen, {freed_after:?} after the end");
+}

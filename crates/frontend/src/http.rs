@@ -7,6 +7,9 @@
 //! The request's booking follows the answer: prefill completes at the
 //! first byte from the worker, and the booking is freed when the answer
 //! ends, fails, or the client goes away (the body stream is dropped).
+//!
+//! `GET /router/workers` shows the router's view of each worker: its URL,
+//! the load booked on it and its latest load report.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -101,6 +104,7 @@ pub fn routes(state: ApiState) -> HttpRouter {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/router/workers", get(router_workers))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -290,6 +294,39 @@ async fn models(State(state): State<ApiState>) -> Json<Value> {
         .map(|m| json!({"id": m, "object": "model", "owned_by": "eventplane"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// The router's view of each worker: where it is, the load booked on it (by
+/// this replica and, with replica sync, its peers) and its latest report.
+async fn router_workers(State(state): State<ApiState>) -> Response {
+    let Ok(r) = state.router.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "router lock poisoned",
+        );
+    };
+    let workers: Vec<Value> = r
+        .workers()
+        .flat_map(|w| {
+            (0..w.data_parallel_size.max(1)).map(move |rank| (w, rank))
+        })
+        .map(|(w, rank)| {
+            let key = eventplane_kv::WorkerKey {
+                worker_id: w.worker_id,
+                dp_rank: rank,
+            };
+            let booked = r.booked(key);
+            let reported = r.reported_load(key);
+            json!({
+                "worker_id": w.worker_id, "dp_rank": rank, "url": w.url, "model": w.model,
+                "booked": {"requests": booked.requests, "prefill_tokens": booked.prefill_tokens, "blocks": booked.blocks},
+                "reported": reported.map(|m| json!({"kv_blocks_used": m.kv_blocks_used, "kv_blocks_total": m.kv_blocks_total,
+                    "active_requests": m.active_requests, "waiting_requests": m.waiting_requests})),
+            })
+        })
+        .collect();
+    Json(json!({"workers": workers})).into_response()
 }
 
 async fn health(State(state): State<ApiState>) -> Response {
