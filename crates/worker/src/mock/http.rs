@@ -392,8 +392,13 @@ async fn health() -> Json<Value> {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    metrics_response(&state.metrics)
+}
+
+/// `registry` in the OpenMetrics text format, as a `/metrics` response.
+pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Response {
     let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.metrics) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
     (

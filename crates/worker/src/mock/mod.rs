@@ -15,5 +15,6 @@ pub use engine::{
 };
 pub use pool::BlockPool;
 pub use run::{
-    registration_key, registration_prefix, start, MockWorkerSettings, RunningWorker, WorkerAdvert,
+    register, registration_key, registration_prefix, start, MockWorkerSettings, RunningWorker,
+    WorkerAdvert,
 };

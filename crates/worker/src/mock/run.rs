@@ -55,6 +55,25 @@ pub fn registration_key(scope: &Scope, worker_id: u64) -> String {
     format!("{}{worker_id:016x}", registration_prefix(scope))
 }
 
+/// Registers `advert` in `plane`'s discovery, under [`registration_key`],
+/// for as long as the returned registration lives.
+pub async fn register(
+    plane: &EventPlane,
+    scope: &Scope,
+    advert: &WorkerAdvert,
+) -> anyhow::Result<Registration> {
+    let key = registration_key(scope, advert.worker_id);
+    plane
+        .discovery()
+        .register(
+            &key,
+            serde_json::to_value(advert)?,
+            plane.config().lease_ttl,
+        )
+        .await
+        .with_context(|| format!("registering {key} in discovery"))
+}
+
 /// How to run a mock worker.
 #[derive(Debug, Clone)]
 pub struct MockWorkerSettings {
@@ -171,16 +190,7 @@ pub async fn start(plane: &EventPlane, s: MockWorkerSettings) -> anyhow::Result<
         data_parallel_size: 1,
         pid: std::process::id(),
     };
-    let key = registration_key(&s.scope, s.worker_id);
-    let registration = plane
-        .discovery()
-        .register(
-            &key,
-            serde_json::to_value(&advert)?,
-            plane.config().lease_ttl,
-        )
-        .await
-        .with_context(|| format!("registering {key} in discovery"))?;
+    let registration = register(plane, &s.scope, &advert).await?;
     tracing::info!(%url, worker_id = format!("{:016x}", s.worker_id), "mock worker serving");
     Ok(RunningWorker {
         url,

@@ -24,7 +24,7 @@ use eventplane_kv::KvEvent;
 
 use super::load;
 use super::state::{Live, RankRelay, RelayStats};
-use crate::mock::{registration_key, WorkerAdvert};
+use crate::mock::{register, WorkerAdvert};
 
 /// The engine sockets of one data-parallel rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,16 +184,7 @@ pub async fn start(plane: &EventPlane, s: RelaySettings) -> anyhow::Result<Runni
         data_parallel_size: s.ranks.len() as u32,
         pid: std::process::id(),
     };
-    let key = registration_key(&s.scope, s.worker_id);
-    let registration = plane
-        .discovery()
-        .register(
-            &key,
-            serde_json::to_value(&advert)?,
-            plane.config().lease_ttl,
-        )
-        .await
-        .with_context(|| format!("registering {key} in discovery"))?;
+    let registration = register(plane, &s.scope, &advert).await?;
     Ok(RunningRelay {
         stop,
         threads,
