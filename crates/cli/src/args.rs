@@ -343,9 +343,9 @@ pub struct FrontendArgs {
     /// view of load.
     #[arg(long)]
     pub router_replica_sync: bool,
-    /// Weight of the prefill term in the cost (higher favours cache hits,
-    /// lower favours balance).
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    /// What a cached block is worth against a block of load in the cost
+    /// (higher favours cache hits, lower favours balance).
+    #[arg(long, default_value_t = 8.0, value_parser = non_negative_f64)]
     pub overlap_weight: f64,
     /// Softmax temperature of the choice (0: always the cheapest, ties at
     /// random).
@@ -495,7 +495,7 @@ pub struct DemoArgs {
     pub modes: Vec<DemoMode>,
     /// Weight of the prefill term in the KV modes' cost (see `frontend
     /// --overlap-weight`).
-    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    #[arg(long, default_value_t = 8.0, value_parser = non_negative_f64)]
     pub overlap_weight: f64,
     /// Print the table as JSON.
     #[arg(long)]

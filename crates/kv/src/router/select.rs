@@ -4,16 +4,22 @@
 //! that already caches `c_w` of its leading blocks:
 //!
 //! ```text
-//! prefill_w = (w's prompt tokens still to prefill + T - c_w·B) / B     (in blocks)
-//! decode_w  =  w's active KV blocks + (request blocks - c_w)
-//! cost_w    =  overlap_weight · prefill_w + decode_w
+//! new_w     = (T - c_w·B) / B                          this request's prefill, in blocks
+//! pending_w = w's prompt tokens still to prefill / B   prefill queued before it
+//! decode_w  = w's active KV blocks + (request blocks - c_w)
+//! cost_w    = overlap_weight · new_w + pending_w + decode_w
 //! ```
 //!
-//! The prefill term is the work the worker must do before this request's
-//! first token (a cached prefix is work saved); the decode term is the
-//! memory it will hold while generating. `overlap_weight` (default 1) trades
-//! one for the other: higher favours cache hits (time to first token),
-//! lower favours balance.
+//! `new_w` is the work a cached prefix saves; `pending_w` and `decode_w` are
+//! the load already there (prefill queued ahead of this request, memory held
+//! while generating). `overlap_weight` (default 8) says how much a cached
+//! block is worth against a block of load: higher favours cache hits,
+//! lower favours balance. It weighs only this request's own work: an
+//! earlier version also multiplied the queued prefill, so a high weight
+//! amplified load as much as it valued hits (on the demo's trace, 3,000
+//! requests: 88–91% of the oracle's hit rate at any weight; now 91% at 1,
+//! 96% at 4, 99% at 16, with requests still spread evenly; on the default
+//! 6,000 requests, 95% at 4 and 97% at 8).
 //!
 //! With temperature 0 (the default) the cheapest worker wins and ties are
 //! broken at random. With temperature `t > 0`, worker `w` is drawn with
@@ -37,7 +43,7 @@ pub struct Weights {
 impl Default for Weights {
     fn default() -> Self {
         Weights {
-            overlap: 1.0,
+            overlap: 8.0,
             temperature: 0.0,
         }
     }
@@ -79,9 +85,8 @@ pub fn cost(
     let bs = block_size.max(1) as f64;
     let cached = u64::from(c.cached_blocks).min(request_blocks);
     let new_tokens = prompt_tokens.saturating_sub(cached * block_size);
-    let prefill = (c.prefill_tokens + new_tokens) as f64 / bs;
     let decode = (c.active_blocks + request_blocks - cached) as f64;
-    weights.overlap * prefill + decode
+    weights.overlap * new_tokens as f64 / bs + c.prefill_tokens as f64 / bs + decode
 }
 
 /// Picks a worker among `candidates` (none: `None`).
@@ -159,24 +164,40 @@ mod tests {
     #[test]
     fn the_cached_prefix_wins_until_load_outweighs_it() {
         let mut rng = StdRng::seed_from_u64(1);
-        let w = Weights::default();
+        let w = Weights {
+            overlap: 4.0,
+            temperature: 0.0,
+        };
         // 64 tokens, blocks of 16: 4 blocks. Worker 2 caches 3 of them.
         let c = [cand(1, 0, 0), cand(2, 3, 0)];
         assert_eq!(
             choose(&c, 64, 16, &w, &mut rng).unwrap().worker,
             WorkerKey::new(2)
         );
-        // Worker 2 busy: 3 cached blocks save 3 + 3 = 6 cost, 10 active
-        // blocks cost 10.
-        let c = [cand(1, 0, 0), cand(2, 3, 10)];
+        // Worker 2 busy: its 3 cached blocks save 4·3 + 3 = 15 cost, and 20
+        // active blocks cost 20.
+        let c = [cand(1, 0, 0), cand(2, 3, 20)];
         assert_eq!(
             choose(&c, 64, 16, &w, &mut rng).unwrap().worker,
             WorkerKey::new(1)
         );
         // A higher overlap weight favours the cache again.
-        let heavy = Weights { overlap: 4.0, ..w };
+        let heavy = Weights { overlap: 8.0, ..w };
         assert_eq!(
             choose(&c, 64, 16, &heavy, &mut rng).unwrap().worker,
+            WorkerKey::new(2)
+        );
+        // Queued prefill is load, counted once, not scaled by the weight:
+        // 160 queued tokens (10 blocks) against 15 saved.
+        let queued = Candidate {
+            prefill_tokens: 160,
+            ..cand(2, 3, 0)
+        };
+        assert_eq!(cost(&queued, 64, 4, 16, &w), 4.0 + 10.0 + 1.0);
+        assert_eq!(
+            choose(&[cand(1, 0, 0), queued], 64, 16, &w, &mut rng)
+                .unwrap()
+                .worker,
             WorkerKey::new(2)
         );
         assert!(choose(&[], 64, 16, &w, &mut rng).is_none());
