@@ -29,8 +29,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Publish a JSON value (or one per line of stdin) on a channel.
     Publish(PublishArgs),
-    /// Measure the transports (`bench transport`) or the KV index
-    /// (`bench index --workload FILE`).
+    /// Measure: the transports (`bench transport`), the KV index (`bench
+    /// index --workload FILE`), the relay (`bench relay`) or the frontend's
+    /// routing overhead (`bench frontend`).
     Bench(BenchCommand),
     /// Internal: the remote half of a two-process benchmark.
     #[command(hide = true)]
