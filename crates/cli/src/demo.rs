@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use eventplane::{Config, DiscoveryKind, EventPlane, Scope, TransportKind};
 use eventplane_frontend::{FleetChange, FrontendSettings, Mode, RouterSettings};
+use eventplane_kv::hash::{next_seq, LocalHash};
 use eventplane_kv::router::Weights;
 use eventplane_kv::tokenize::VOCAB;
 use eventplane_worker::mock::{self, EngineConfig, MockWorkerSettings, Timing};
@@ -466,15 +467,13 @@ fn oracle_hit_rate(trace: &[TraceRequest], capacity: usize, timeline: Option<&[O
             Some(o) => (o.sent, o.sent),
             None => (Duration::ZERO, Duration::ZERO),
         };
-        // Prefix identity: chain the ids, as sequence hashes do.
-        let mut keys = Vec::with_capacity(r.hash_ids.len());
-        let mut prev = 0u64;
+        // Prefix identity: the ids chained as sequence hashes are.
+        let mut keys: Vec<u64> = Vec::with_capacity(r.hash_ids.len());
+        let mut prev = None;
         for &h in &r.hash_ids {
-            let mut buf = [0u8; 16];
-            buf[..8].copy_from_slice(&prev.to_le_bytes());
-            buf[8..].copy_from_slice(&h.to_le_bytes());
-            prev = xxh3_64_with_seed(&buf, 5);
-            keys.push(prev);
+            let seq = next_seq(prev, None, LocalHash(h));
+            keys.push(seq.0);
+            prev = Some(seq);
         }
         let cached = keys
             .iter()

@@ -64,7 +64,7 @@ pub async fn run(a: FrontendArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     });
-    crate::worker::interrupted().await?;
+    crate::interrupted().await?;
     follow.abort();
     frontend.stop();
     Ok(())

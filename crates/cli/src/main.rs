@@ -84,3 +84,13 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         args::Command::Frontend(a) => frontend::run(a).await,
     }
 }
+
+/// Resolves on Ctrl-C or `SIGTERM`: how long-running commands know to stop.
+pub async fn interrupted() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -10,7 +10,6 @@ use eventplane::{EventPlane, Identity};
 use serde_json::json;
 use std::io::BufRead;
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::PublishArgs;
 use crate::pace::Pacer;
@@ -99,11 +98,7 @@ pub async fn run(a: PublishArgs) -> anyhow::Result<()> {
     );
 
     if a.hold {
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        crate::interrupted().await?;
     }
     // Dropping the publisher withdraws its registration; the socket's linger
     // lets queued messages leave before the process exits.

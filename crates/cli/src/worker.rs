@@ -13,7 +13,6 @@ use eventplane::{EventPlane, PlaneError, Scope};
 use eventplane_worker::mock::{self, EngineConfig, MockWorkerSettings, Timing};
 use eventplane_worker::relay;
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::{EngineKind, WorkerArgs};
 
@@ -54,18 +53,9 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<()> {
         json!({"type": "ready", "url": worker.url, "worker_id": worker_id, "model": a.model,
                "vllm_kv_events": vllm_events, "vllm_replay": vllm_replay})
     );
-    interrupted().await?;
+    crate::interrupted().await?;
     tracing::info!("stopping: withdrawing the registration");
     worker.stop();
-    Ok(())
-}
-
-pub async fn interrupted() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
     Ok(())
 }
 
@@ -109,7 +99,7 @@ async fn run_relay(
         "{}",
         json!({"type": "ready", "relaying": ranks.iter().map(|r| &r.events).collect::<Vec<_>>(), "worker_id": worker_id, "url": a.engine_url})
     );
-    interrupted().await?;
+    crate::interrupted().await?;
     for (rank, s) in running.stats().iter().enumerate() {
         tracing::info!(rank, ?s, "relay totals");
     }

@@ -43,7 +43,9 @@ fn demo_replays_the_trace_in_every_mode() {
             .map(|n| n.as_u64().unwrap())
             .sum();
         assert_eq!(per_worker, 200);
-        assert!(r["hit_rate"].as_f64().unwrap() >= 0.0);
+        // Block 0 (a shared system prompt) is cached on every worker after
+        // its first request, so every mode hits something.
+        assert!(r["hit_rate"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(v["oracle_hit_rate"].as_f64().unwrap() > 0.0);
 }

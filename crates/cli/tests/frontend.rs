@@ -6,31 +6,19 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::Proc;
-use eventplane::{Config, DiscoveryKind, Event, EventPlane, Scope, TransportKind};
-use eventplane_kv::event::{KvEventBatch, KV_EVENTS_TOPIC};
+use eventplane::Event;
 use eventplane_kv::{block_hashes, tokenize, KvEvent, SeqHash};
 use serde_json::{json, Value};
 
-fn start_worker(dir: &std::path::Path, id: u64) -> Proc {
-    let p = Proc::spawn(
-        "worker",
-        Command::new(env!("CARGO_BIN_EXE_eventplane"))
-            .args(["worker", "--engine", "mock", "--worker-id", &id.to_string()])
-            .args(["--http-port", "0", "--block-size", "4", "--speedup", "100"])
-            .args([
-                "--event-plane",
-                "zmq",
-                "--discovery",
-                "file",
-                "--discovery-dir",
-            ])
-            .arg(dir)
-            .env("EVENTPLANE_LOG", "warn"),
-    );
+fn start_worker(dir: &std::path::Path, id: u64, extra: &[&str]) -> Proc {
+    let id = id.to_string();
+    let mut args = vec!["worker", "--engine", "mock", "--worker-id", &id];
+    args.extend(["--http-port", "0", "--block-size", "4"]);
+    args.extend(extra);
+    let p = Proc::start("worker", dir, &args);
     p.until_type("ready");
     p
 }
@@ -65,21 +53,10 @@ async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_prefix_and_survives_a_killed_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut workers: Vec<Proc> = (1..=3).map(|id| start_worker(dir.path(), id)).collect();
-    let frontend = Proc::spawn(
-        "frontend",
-        Command::new(env!("CARGO_BIN_EXE_eventplane"))
-            .args(["frontend", "--http-port", "0"])
-            .args([
-                "--event-plane",
-                "zmq",
-                "--discovery",
-                "file",
-                "--discovery-dir",
-            ])
-            .arg(dir.path())
-            .env("EVENTPLANE_LOG", "warn"),
-    );
+    let mut workers: Vec<Proc> = (1..=3)
+        .map(|id| start_worker(dir.path(), id, &["--speedup", "100"]))
+        .collect();
+    let frontend = Proc::start("frontend", dir.path(), &["frontend", "--http-port", "0"]);
     let url = frontend.until_type("ready")["url"]
         .as_str()
         .unwrap()
@@ -95,33 +72,7 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
 
     // Our own view of the KV events, to know when the first request's
     // blocks are published (the frontend receives them at the same time).
-    let plane = EventPlane::start(Config {
-        transport: TransportKind::Zmq,
-        discovery: DiscoveryKind::File,
-        discovery_dir: Some(dir.path().to_path_buf()),
-        ..Config::default()
-    })
-    .await
-    .unwrap();
-    let mut events = plane
-        .subscriber::<KvEventBatch>(
-            &Scope::new("dynamo", "backend")
-                .unwrap()
-                .channel(KV_EVENTS_TOPIC)
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut heard = 0;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while heard < 3 {
-            if let Some(Event::Notice(eventplane::Notice::Joined { .. })) = events.recv().await {
-                heard += 1;
-            }
-        }
-    })
-    .await
-    .expect("joined the three workers' KV publishers");
+    let (_plane, mut events) = common::kv_events_joined(dir.path(), 3).await;
 
     let client = reqwest::Client::new();
     let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
@@ -212,52 +163,19 @@ async fn replicas_agree(client: &reqwest::Client, a: &str, b: &str, requests: u6
 async fn two_frontends_with_replica_sync_agree_on_load() {
     let dir = tempfile::tempdir().unwrap();
     // A real-time worker, so a long request stays in flight.
-    let worker = Proc::spawn(
-        "worker",
-        Command::new(env!("CARGO_BIN_EXE_eventplane"))
-            .args([
-                "worker",
-                "--engine",
-                "mock",
-                "--worker-id",
-                "9",
+    let _worker = start_worker(dir.path(), 9, &[]);
+    let start_frontend = |id: &str| {
+        let f = Proc::start(
+            "frontend",
+            dir.path(),
+            &[
+                "frontend",
                 "--http-port",
                 "0",
-                "--block-size",
-                "4",
-            ])
-            .args([
-                "--event-plane",
-                "zmq",
-                "--discovery",
-                "file",
-                "--discovery-dir",
-            ])
-            .arg(dir.path())
-            .env("EVENTPLANE_LOG", "warn"),
-    );
-    worker.until_type("ready");
-    let start_frontend = |id: &str| {
-        let f = Proc::spawn(
-            "frontend",
-            Command::new(env!("CARGO_BIN_EXE_eventplane"))
-                .args([
-                    "frontend",
-                    "--http-port",
-                    "0",
-                    "--router-replica-sync",
-                    "--router-id",
-                    id,
-                ])
-                .args([
-                    "--event-plane",
-                    "zmq",
-                    "--discovery",
-                    "file",
-                    "--discovery-dir",
-                ])
-                .arg(dir.path())
-                .env("EVENTPLANE_LOG", "warn"),
+                "--router-replica-sync",
+                "--router-id",
+                id,
+            ],
         );
         let url = f.until_type("ready")["url"].as_str().unwrap().to_owned();
         f.until_type("worker_joined");

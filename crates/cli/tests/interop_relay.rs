@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Proc;
-use eventplane::{Config, DiscoveryKind, Event, EventPlane, Notice, Scope, TransportKind};
-use eventplane_kv::event::{KvEventBatch, KV_EVENTS_TOPIC};
+use eventplane::Event;
+use eventplane_kv::event::KvEventBatch;
 use eventplane_kv::{block_hashes, PrefixIndex, SeqHash, WorkerKey};
 
 const WORKER: u64 = 7;
@@ -80,56 +80,29 @@ async fn relay_follows_a_vllm_style_publisher_in_both_encodings() {
                 .args(["--encoding", encoding]),
         );
         let endpoints = engine.next_line();
-        let relay = Proc::spawn(
+        let worker_id = WORKER.to_string();
+        let relay = Proc::start(
             "relay",
-            Command::new(env!("CARGO_BIN_EXE_eventplane"))
-                .args([
-                    "worker",
-                    "--engine",
-                    "vllm",
-                    "--worker-id",
-                    &WORKER.to_string(),
-                ])
-                .args(["--kv-events-endpoint", endpoints["pub"].as_str().unwrap()])
-                .args(["--replay-endpoint", endpoints["replay"].as_str().unwrap()])
-                .args([
-                    "--block-size",
-                    "4",
-                    "--event-plane",
-                    "zmq",
-                    "--discovery",
-                    "file",
-                ])
-                .arg("--discovery-dir")
-                .arg(dir.path())
-                .env("EVENTPLANE_LOG", "warn"),
+            dir.path(),
+            &[
+                "worker",
+                "--engine",
+                "vllm",
+                "--worker-id",
+                &worker_id,
+                "--kv-events-endpoint",
+                endpoints["pub"].as_str().unwrap(),
+                "--replay-endpoint",
+                endpoints["replay"].as_str().unwrap(),
+                "--block-size",
+                "4",
+            ],
         );
         relay.until_type("ready");
 
-        let plane = EventPlane::start(Config {
-            transport: TransportKind::Zmq,
-            discovery: DiscoveryKind::File,
-            discovery_dir: Some(dir.path().to_path_buf()),
-            ..Config::default()
-        })
-        .await
-        .unwrap();
-        let channel = Scope::new("dynamo", "backend")
-            .unwrap()
-            .channel(KV_EVENTS_TOPIC)
-            .unwrap();
-        let mut sub = plane.subscriber::<KvEventBatch>(&channel).await.unwrap();
         // Connected to the relay's publisher (its welcome heartbeat) before
         // the engine starts, so nothing is published before we listen.
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(Event::Notice(Notice::Joined { .. })) = sub.recv().await {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("joined the relay's publisher");
+        let (_plane, mut sub) = common::kv_events_joined(dir.path(), 1).await;
         engine.send("go");
 
         let mut index = PrefixIndex::new();

@@ -121,6 +121,16 @@ pub fn first(salt: Option<Salt>, local: LocalHash) -> SeqHash {
     }
 }
 
+/// The sequence hash of a block whose local hash is `local`, following the
+/// block `prev`, or starting a sequence salted by `salt` when there is none.
+#[inline]
+pub fn next_seq(prev: Option<SeqHash>, salt: Option<Salt>, local: LocalHash) -> SeqHash {
+    match prev {
+        None => first(salt, local),
+        Some(p) => chain_after(p.0, local),
+    }
+}
+
 /// Hashes every full block of `tokens`: the function routers and workers
 /// share. Tokens after the last full block are ignored.
 ///
@@ -133,10 +143,7 @@ pub fn block_hashes(tokens: &[u32], block_size: usize, salt: Option<Salt>) -> Ve
     let mut prev: Option<SeqHash> = None;
     for block in tokens.chunks_exact(block_size) {
         let local = local_hash(block);
-        let seq = match prev {
-            None => first(salt, local),
-            Some(p) => chain_after(p.0, local),
-        };
+        let seq = next_seq(prev, salt, local);
         out.push(BlockHash { local, seq });
         prev = Some(seq);
     }
@@ -169,10 +176,7 @@ impl Iterator for SeqHashes<'_> {
     #[inline]
     fn next(&mut self) -> Option<SeqHash> {
         let local = *self.locals.next()?;
-        let seq = match self.prev {
-            None => first(self.salt, local),
-            Some(p) => chain_after(p.0, local),
-        };
+        let seq = next_seq(self.prev, self.salt, local);
         self.prev = Some(seq);
         Some(seq)
     }

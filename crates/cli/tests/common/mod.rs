@@ -186,3 +186,42 @@ pub fn python(root: &Path, modules: &[&str]) -> Option<std::path::PathBuf> {
     );
     Some(python)
 }
+
+/// A subscriber to the `dynamo/backend` KV events over ZMQ with file
+/// discovery in `dir`, returned once it has joined `publishers` publishers
+/// (their welcome heartbeats), so nothing they publish afterwards is missed.
+/// The plane is returned too: it must outlive the subscriber.
+pub async fn kv_events_joined(
+    dir: &Path,
+    publishers: usize,
+) -> (
+    eventplane::EventPlane,
+    eventplane::Subscriber<eventplane_kv::event::KvEventBatch>,
+) {
+    use eventplane::{Config, DiscoveryKind, Event, EventPlane, Notice, Scope, TransportKind};
+    let plane = EventPlane::start(Config {
+        transport: TransportKind::Zmq,
+        discovery: DiscoveryKind::File,
+        discovery_dir: Some(dir.to_path_buf()),
+        ..Config::default()
+    })
+    .await
+    .expect("event plane");
+    let channel = Scope::new("dynamo", "backend")
+        .and_then(|s| s.channel(eventplane_kv::event::KV_EVENTS_TOPIC))
+        .expect("channel");
+    let mut sub = plane.subscriber(&channel).await.expect("subscriber");
+    let mut joined = 0;
+    tokio::time::timeout(WAIT, async {
+        while joined < publishers {
+            match sub.recv().await {
+                Some(Event::Notice(Notice::Joined { .. })) => joined += 1,
+                Some(_) => {}
+                None => panic!("KV event subscription ended"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("joined {joined} of {publishers} KV publishers within {WAIT:?}"));
+    (plane, sub)
+}

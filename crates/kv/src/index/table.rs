@@ -283,10 +283,7 @@ impl Table {
     /// cache misses overlap instead of queueing one after another.
     #[inline]
     pub(crate) fn prefetch(&self, key: u64) {
-        #[cfg(target_arch = "x86_64")]
-        self.prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T0 }>(key);
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = key;
+        self.prefetch_bucket(self.home(key));
     }
 
     /// As [`Table::prefetch`], for a slot about to be written: the line is
@@ -328,15 +325,6 @@ impl Table {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = home;
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    fn prefetch_hint<const HINT: i32>(&self, key: u64) {
-        let bucket: *const Bucket = &self.buckets[self.home(key)];
-        // SAFETY: a prefetch is a hint: it never faults and has no
-        // architectural effect, and `bucket` points into our own slice.
-        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(bucket.cast::<i8>()) };
     }
 
     /// The holders of `key` (0 if absent). Safe to call from any thread at

@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use eventplane_kv::hash::{chain, first, local_hash};
+use eventplane_kv::hash::{local_hash, next_seq};
 use eventplane_kv::tokenize::VOCAB;
 use eventplane_kv::{BlockHash, KvEvent, Salt};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -236,10 +236,7 @@ impl Request {
         while self.hashes.len() < self.tokens.len() / block_size {
             let i = self.hashes.len();
             let local = local_hash(&self.tokens[i * block_size..(i + 1) * block_size]);
-            let seq = match self.hashes.last() {
-                None => first(self.salt, local),
-                Some(prev) => chain(Some(prev.seq), local),
-            };
+            let seq = next_seq(self.hashes.last().map(|b| b.seq), self.salt, local);
             self.hashes.push(BlockHash { local, seq });
         }
     }

@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use eventplane_kv::hash::{chain, first, local_hash};
+use eventplane_kv::hash::{local_hash, next_seq};
 use eventplane_kv::{BlockHash, KvEvent, Salt, SeqHash};
 
 use super::decode::{decode_batch, EngineEvent, EngineHash};
@@ -296,10 +296,7 @@ impl RankRelay {
         let mut blocks = Vec::with_capacity(engine.len());
         for (h, chunk) in engine.iter().zip(tokens.chunks_exact(bs)) {
             let local = local_hash(chunk);
-            let seq = match prev {
-                None => first(salt, local),
-                Some(p) => chain(Some(p), local),
-            };
+            let seq = next_seq(prev, salt, local);
             let ours = BlockHash { local, seq };
             if self.map.insert(*h, ours).is_none() {
                 self.order.push_back(*h);
