@@ -278,6 +278,13 @@ impl Publisher {
         reached
     }
 
+    /// The largest encoded envelope this publisher sends; larger publishes
+    /// are refused with [`PublishError::TooLarge`]. Callers that batch (KV
+    /// events) split below it.
+    pub fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes
+    }
+
     /// The channel.
     pub fn channel(&self) -> &Channel {
         &self.inner.channel

@@ -1,0 +1,316 @@
+//! The publishing side of the NATS transport: a frame sink that hands
+//! envelopes to the client without waiting, and holds them while the
+//! connection is down; and a driver task per publisher that welcomes
+//! subscribers, sends idle heartbeats and releases the hold after a
+//! reconnect (see the crate docs).
+
+use async_nats::connection::State;
+use async_nats::{Client, Subject};
+use bytes::{Bytes, BytesMut};
+use eventplane_core::envelope::unix_nanos;
+use eventplane_core::publisher::{FrameSink, SendError, WeakPublisher};
+use eventplane_core::{Channel, Identity, Publisher};
+use futures::{FutureExt, StreamExt};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+use crate::{hello_subject, NatsCounters, NatsError, NatsTransport};
+
+/// Most held envelopes moved to the client per lock acquisition while
+/// releasing the hold.
+const RELEASE_BATCH: usize = 512;
+
+#[derive(Debug, Default)]
+struct Hold {
+    /// Envelopes go to `queue`, not the client: the connection is down, or
+    /// it is back but subscribers have not all returned yet.
+    active: bool,
+    queue: VecDeque<Bytes>,
+}
+
+struct Shared {
+    client: Client,
+    subject: Subject,
+    hold: Mutex<Hold>,
+    capacity: usize,
+    max_payload_counters: Arc<NatsCounters>,
+    /// Wakes the driver when the sink starts holding.
+    held: Notify,
+}
+
+struct NatsSink {
+    shared: Arc<Shared>,
+    driver: tokio::task::AbortHandle,
+}
+
+impl Drop for NatsSink {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl FrameSink for NatsSink {
+    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+        let s = &*self.shared;
+        let len = head.len() + payload.len();
+        let server_max = s.client.max_payload();
+        if len > server_max {
+            s.max_payload_counters
+                .too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SendError::Transport(format!(
+                "an envelope of {len} bytes exceeds the NATS server's max_payload of {server_max} bytes on {}",
+                s.subject
+            )));
+        }
+        let mut frame = BytesMut::with_capacity(len);
+        frame.extend_from_slice(head);
+        frame.extend_from_slice(payload);
+        let frame = frame.freeze();
+        let mut hold = s.hold.lock().unwrap_or_else(|p| p.into_inner());
+        if !hold.active && s.client.connection_state() != State::Connected {
+            hold.active = true;
+            s.held.notify_one();
+        }
+        if hold.active {
+            if hold.queue.len() >= s.capacity {
+                // It has a sequence number: subscribers will report the gap.
+                s.max_payload_counters
+                    .hold_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                hold.queue.push_back(frame);
+            }
+            return Ok(());
+        }
+        // The client's `publish` only waits when its queue is full; poll it
+        // once, outside tokio's cooperative budget so a busy task does not
+        // turn a free slot into a refusal.
+        match tokio::task::unconstrained(s.client.publish(s.subject.clone(), frame)).now_or_never()
+        {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(SendError::Transport(e.to_string())),
+            None => {
+                s.max_payload_counters
+                    .client_queue_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Creates a publisher on `channel` and starts its driver.
+pub(crate) async fn publish_on(
+    transport: &NatsTransport,
+    channel: &Channel,
+    identity: Identity,
+) -> Result<Publisher, NatsError> {
+    let client = transport.client().clone();
+    let hello_subject = hello_subject(channel);
+    let hellos =
+        client
+            .subscribe(hello_subject.clone())
+            .await
+            .map_err(|e| NatsError::Subscribe {
+                subject: hello_subject.clone(),
+                reason: e.to_string(),
+            })?;
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        subject: Subject::from(channel.subject()),
+        hold: Mutex::new(Hold::default()),
+        capacity: transport.options().buffer_messages.max(1),
+        max_payload_counters: transport.counters().clone(),
+        held: Notify::new(),
+    });
+    let (driver_tx, driver_rx) = tokio::sync::oneshot::channel::<WeakPublisher>();
+    let driver = tokio::spawn(drive(shared.clone(), transport.clone(), hellos, driver_rx));
+    let sink = NatsSink {
+        shared,
+        driver: driver.abort_handle(),
+    };
+    let publisher = Publisher::new(
+        channel.clone(),
+        identity,
+        transport.max_message_bytes(),
+        Box::new(sink),
+    );
+    let _ = driver_tx.send(publisher.downgrade());
+    Ok(publisher)
+}
+
+/// The driver of one publisher: welcomes, heartbeats, and the hold.
+async fn drive(
+    shared: Arc<Shared>,
+    transport: NatsTransport,
+    mut hellos: async_nats::Subscriber,
+    publisher: tokio::sync::oneshot::Receiver<WeakPublisher>,
+) {
+    let Ok(publisher) = publisher.await else {
+        return;
+    };
+    let interval = transport.options().heartbeat_interval;
+    let settle = transport.options().settle;
+    let mut link = transport.link();
+    let mut tick = tokio::time::interval(interval.min(Duration::from_millis(250)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Subscribers that said hello and have not said goodbye.
+    let mut known: HashSet<u64> = HashSet::new();
+    // Of those, the ones heard from since the last reconnect.
+    let mut returned: HashSet<u64> = HashSet::new();
+    // While set, the hold is released at this deadline or when every known
+    // subscriber has returned, whichever comes first.
+    let mut settling: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = settling;
+        tokio::select! {
+            hello = hellos.next() => {
+                let Some(hello) = hello else { return };
+                let Some(p) = publisher.upgrade() else { return };
+                match parse_hello(&hello.payload) {
+                    Some(Hello::Hello(id)) => {
+                        known.insert(id);
+                        returned.insert(id);
+                        if settling.is_none() {
+                            // Welcome: it learns our last sequence number.
+                            let _ = p.heartbeat();
+                        }
+                    }
+                    Some(Hello::Bye(id)) => {
+                        known.remove(&id);
+                        returned.remove(&id);
+                    }
+                    None => {}
+                }
+            }
+            changed = link.changed() => {
+                if changed.is_err() { return; }
+                let l = *link.borrow_and_update();
+                let mut hold = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+                hold.active = true;
+                drop(hold);
+                if l.connected {
+                    returned.clear();
+                    settling = Some(tokio::time::Instant::now() + settle);
+                } else {
+                    settling = None;
+                }
+            }
+            () = shared.held.notified() => {
+                // Holding began before the driver heard of a disconnection;
+                // it will hear of the reconnection through `link`.
+            }
+            () = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Whoever has not returned by now is gone: stop waiting for it
+                // at the next reconnect.
+                known.retain(|id| returned.contains(id));
+                settling = None;
+            }
+            _ = tick.tick() => {
+                let Some(p) = publisher.upgrade() else { return };
+                if settling.is_none() {
+                    p.heartbeat_if_idle(unix_nanos(), interval.as_nanos() as u64);
+                }
+            }
+        }
+        if settling.is_some() && known.iter().all(|id| returned.contains(id)) {
+            settling = None;
+        }
+        let connected = shared.client.connection_state() == State::Connected;
+        if settling.is_none()
+            && connected
+            && shared.hold.lock().unwrap_or_else(|p| p.into_inner()).active
+        {
+            release(&shared).await;
+            if let Some(p) = publisher.upgrade() {
+                let _ = p.heartbeat();
+            }
+        }
+    }
+}
+
+/// Moves held envelopes to the client in order, then stops holding. New
+/// envelopes keep joining the queue until it is empty, so order is kept.
+async fn release(shared: &Shared) {
+    let mut released = 0usize;
+    loop {
+        let batch: Vec<Bytes> = {
+            let mut hold = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+            if hold.queue.is_empty() {
+                hold.active = false;
+                break;
+            }
+            let n = hold.queue.len().min(RELEASE_BATCH);
+            hold.queue.drain(..n).collect()
+        };
+        for frame in batch {
+            released += 1;
+            if shared
+                .client
+                .publish(shared.subject.clone(), frame)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    if released > 0 {
+        tracing::info!(subject = %shared.subject, released, "released what was held during the NATS outage");
+    }
+}
+
+/// A subscriber's announcement on the hello subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hello {
+    /// Subscribed (or resubscribed after a reconnect).
+    Hello(u64),
+    /// Going away.
+    Bye(u64),
+}
+
+/// Encodes an announcement: `hello <id>` or `bye <id>`, ASCII, so any client
+/// can send one.
+pub fn encode_hello(h: Hello) -> Bytes {
+    match h {
+        Hello::Hello(id) => format!("hello {id}"),
+        Hello::Bye(id) => format!("bye {id}"),
+    }
+    .into()
+}
+
+/// Parses an announcement; `None` for anything else (ignored).
+pub fn parse_hello(payload: &[u8]) -> Option<Hello> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (word, id) = text.split_once(' ')?;
+    let id = id.trim().parse().ok()?;
+    match word {
+        "hello" => Some(Hello::Hello(id)),
+        "bye" => Some(Hello::Bye(id)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_round_trip_and_garbage_is_ignored() {
+        for h in [Hello::Hello(7), Hello::Bye(u64::MAX)] {
+            assert_eq!(parse_hello(&encode_hello(h)), Some(h));
+        }
+        assert_eq!(parse_hello(b"hello"), None);
+        assert_eq!(parse_hello(b"hello x"), None);
+        assert_eq!(parse_hello(&[0xff, 0x20, 0x31]), None);
+    }
+}

@@ -1,0 +1,175 @@
+//! The subscribing side of the NATS transport: the client's subscription read
+//! directly when the application asks for the next message (no hop through
+//! another queue), and a small task that says hello to the channel's
+//! publishers when the subscription is confirmed and after every reconnect.
+//!
+//! The subscription is bounded by the client
+//! ([`NatsOptions::subscription_messages`](crate::NatsOptions)): past it the
+//! client drops for this subscription alone, and sequence tracking reports the
+//! loss as a gap.
+
+use async_nats::Client;
+use bytes::Bytes;
+use eventplane_core::queue::{FrameSource, SourceCounters, SourceItem};
+use eventplane_core::subscriber::LogOnce;
+use eventplane_core::{Channel, RawSubscriber};
+use futures::{FutureExt, Stream};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::publisher::{encode_hello, Hello};
+use crate::{hello_subject, NatsError, NatsTransport};
+
+/// Most messages handed to the subscriber in one batch.
+const BATCH_MESSAGES: usize = 1024;
+
+struct NatsSource {
+    sub: async_nats::Subscriber,
+    max_bytes: usize,
+    counters: Arc<SourceCounters>,
+    log: LogOnce,
+    channel: Channel,
+}
+
+impl NatsSource {
+    /// Takes what is ready, up to a batch; registers the waker otherwise.
+    fn poll_batch(&mut self, cx: Option<&mut Context<'_>>) -> Poll<Option<Vec<Bytes>>> {
+        let mut batch = Vec::new();
+        let noop = std::task::Waker::noop();
+        let mut noop_cx = Context::from_waker(noop);
+        let cx = match cx {
+            Some(cx) => cx,
+            None => &mut noop_cx,
+        };
+        while batch.len() < BATCH_MESSAGES {
+            match Pin::new(&mut self.sub).poll_next(cx) {
+                Poll::Ready(Some(msg)) => {
+                    let len = msg.payload.len();
+                    SourceCounters::bump(&self.counters.frames);
+                    self.counters
+                        .bytes
+                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    if len > self.max_bytes {
+                        SourceCounters::bump(&self.counters.oversized);
+                        if self.log.first("oversized") {
+                            tracing::warn!(channel = %self.channel, len, limit = self.max_bytes, "dropped an oversized message (counted; later ones are only counted)");
+                        }
+                        continue;
+                    }
+                    batch.push(msg.payload);
+                }
+                Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        if batch.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(Some(batch))
+        }
+    }
+}
+
+impl FrameSource for NatsSource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<SourceItem>> {
+        self.poll_batch(Some(cx)).map(|b| b.map(SourceItem::Batch))
+    }
+
+    fn try_next(&mut self) -> Option<SourceItem> {
+        match self.poll_batch(None) {
+            Poll::Ready(Some(b)) => Some(SourceItem::Batch(b)),
+            _ => None,
+        }
+    }
+
+    fn counters(&self) -> &SourceCounters {
+        &self.counters
+    }
+}
+
+/// Says goodbye and stops the hello task when the subscriber is dropped.
+struct Guard {
+    hello: tokio::task::JoinHandle<()>,
+    client: Client,
+    subject: String,
+    id: u64,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.hello.abort();
+        // Best effort: publishers that miss it stop waiting for us after one
+        // settle period.
+        let bye = self
+            .client
+            .publish(self.subject.clone(), encode_hello(Hello::Bye(self.id)));
+        let _ = tokio::task::unconstrained(bye).now_or_never();
+    }
+}
+
+/// Subscribes to `channel`. The subscription is confirmed by the server
+/// before the hello that makes publishers welcome us is sent.
+pub(crate) async fn subscribe_to(
+    transport: &NatsTransport,
+    channel: &Channel,
+) -> Result<RawSubscriber, NatsError> {
+    let client = transport.client().clone();
+    let sub = client
+        .subscribe(channel.subject().to_owned())
+        .await
+        .map_err(|e| NatsError::Subscribe {
+            subject: channel.subject().to_owned(),
+            reason: e.to_string(),
+        })?;
+    // A flush round-trips to the server, so the subscription (sent earlier
+    // on the same connection) is in place when this returns, and before
+    // publishers answer the hello.
+    client.flush().await.map_err(|e| NatsError::Subscribe {
+        subject: channel.subject().to_owned(),
+        reason: e.to_string(),
+    })?;
+    let id: u64 = rand::random();
+    let subject = hello_subject(channel);
+    let mut link = transport.link();
+    link.borrow_and_update();
+    let hello = tokio::spawn({
+        let client = client.clone();
+        let subject = subject.clone();
+        async move {
+            loop {
+                let _ = client
+                    .publish(subject.clone(), encode_hello(Hello::Hello(id)))
+                    .await;
+                // Again after every reconnect: the client resubscribes on the
+                // new connection before it sends anything we queue.
+                loop {
+                    if link.changed().await.is_err() {
+                        return;
+                    }
+                    if link.borrow_and_update().connected {
+                        break;
+                    }
+                }
+                let _ = client.flush().await;
+            }
+        }
+    });
+    let source = NatsSource {
+        sub,
+        max_bytes: transport.options().max_message_bytes,
+        counters: Arc::new(SourceCounters::default()),
+        log: LogOnce::default(),
+        channel: channel.clone(),
+    };
+    Ok(RawSubscriber::new(
+        channel.clone(),
+        Box::new(source),
+        Box::new(Guard {
+            hello,
+            client,
+            subject,
+            id,
+        }),
+    ))
+}
