@@ -56,11 +56,13 @@ pub enum Command {
 /// Where the event plane is: transport and discovery.
 #[derive(Debug, Clone, Args)]
 pub struct PlaneArgs {
-    /// Transport: zmq (peer to peer, the default for now) or nats (not yet available).
+    /// Transport: nats (the default; through a NATS server, see --nats-server) or zmq (peer to
+    /// peer, no server; publishers are found through discovery).
     #[arg(long, env = "DYN_EVENT_PLANE", value_parser = |s: &str| s.parse::<TransportKind>())]
     pub event_plane: Option<TransportKind>,
 
-    /// Discovery backend: file (one machine, the default), mem (one process) or etcd (not yet available).
+    /// Discovery backend: file (one machine, the default), etcd (many machines, see
+    /// --etcd-endpoints) or mem (one process).
     #[arg(long, env = "DYN_DISCOVERY_BACKEND", value_parser = |s: &str| s.parse::<DiscoveryKind>())]
     pub discovery: Option<DiscoveryKind>,
 
@@ -72,6 +74,16 @@ pub struct PlaneArgs {
     /// Address that ZMQ publishers bind and advertise [default: 127.0.0.1].
     #[arg(long, env = "DYN_EVENT_PLANE_HOST")]
     pub host: Option<String>,
+
+    /// NATS server URLs, comma-separated [default: nats://localhost:4222]. Credentials and
+    /// TLS come from NATS_USER/NATS_PASSWORD, NATS_TOKEN or NATS_CREDS, and NATS_CA,
+    /// NATS_CERT/NATS_KEY (see the README).
+    #[arg(long, env = "NATS_SERVER")]
+    pub nats_server: Option<String>,
+
+    /// etcd client URLs, comma-separated [default: http://localhost:2379].
+    #[arg(long, env = "ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
 }
 
 impl PlaneArgs {
@@ -89,6 +101,18 @@ impl PlaneArgs {
         }
         if let Some(h) = &self.host {
             c.host = h.clone();
+        }
+        // Flags override the environment; parse them as their variables.
+        let flags = Config::from_lookup(|k| match k {
+            "NATS_SERVER" => self.nats_server.clone(),
+            "ETCD_ENDPOINTS" => self.etcd_endpoints.clone(),
+            _ => None,
+        })?;
+        if self.nats_server.is_some() {
+            c.nats.servers = flags.nats.servers;
+        }
+        if self.etcd_endpoints.is_some() {
+            c.etcd_endpoints = flags.etcd_endpoints;
         }
         Ok(c)
     }
@@ -239,8 +263,12 @@ pub enum BenchTransport {
     Zmq,
     /// eventplane's in-process transport.
     Mem,
-    /// Raw libzmq PUB/SUB, the baseline.
+    /// Raw libzmq PUB/SUB, the ZMQ baseline.
     RawZmq,
+    /// eventplane over NATS (a `nats-server`; see --nats-server).
+    Nats,
+    /// Raw async-nats publish/subscribe through the same server, the NATS baseline.
+    RawNats,
 }
 
 #[derive(Debug, Args)]
@@ -248,9 +276,14 @@ pub struct TransportBenchArgs {
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,4096")]
     pub sizes: Vec<usize>,
-    /// Transports to measure (raw-zmq is the baseline the ratios use).
-    #[arg(long, value_delimiter = ',', default_value = "mem,zmq,raw-zmq")]
+    /// Transports to measure. Each one's baseline is added when missing (raw-zmq for zmq and
+    /// mem, raw-nats for nats): ratios compare with it.
+    #[arg(long, alias = "transport", value_delimiter = ',', default_value = "mem,zmq,nats")]
     pub transports: Vec<BenchTransport>,
+    /// NATS server for the nats transports [default: a nats-server this bench starts on a free
+    /// loopback port].
+    #[arg(long)]
+    pub nats_server: Option<String>,
     /// Also run publishers in a second process (zmq and raw-zmq).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub two_process: bool,
@@ -286,10 +319,10 @@ pub struct IndexBenchArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchPeerArgs {
-    /// Which publisher to run: zmq or raw-zmq.
+    /// Which publisher to run: zmq, raw-zmq, nats or raw-nats.
     #[arg(long, value_enum)]
     pub transport: BenchTransport,
-    /// Endpoint (raw-zmq) to bind, or discovery directory (zmq).
+    /// Endpoint (raw-zmq) to bind, discovery directory (zmq) or server URL (nats, raw-nats).
     #[arg(long)]
     pub target: String,
     /// Topic of the bench channel (zmq).

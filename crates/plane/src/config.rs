@@ -8,16 +8,44 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use eventplane_core::QueueLimits;
+use eventplane_nats::{NatsAuth, NatsOptions};
+
+/// The default etcd endpoint.
+pub const DEFAULT_ETCD_ENDPOINT: &str = "http://localhost:2379";
 
 /// Every environment variable eventplane reads, with what it does.
 pub const ENV_VARS: &[(&str, &str)] = &[
     (
         "DYN_EVENT_PLANE",
-        "transport: `zmq` (default for now) or `nats` (not yet available)",
+        "transport: `nats` (default; needs a NATS server) or `zmq` (peer to peer, no server)",
     ),
     (
         "DYN_DISCOVERY_BACKEND",
-        "discovery: `file` (default), `mem` (in-process only) or `etcd` (not yet available)",
+        "discovery: `file` (default; one machine), `etcd` (many machines) or `mem` (in-process only)",
+    ),
+    (
+        "NATS_SERVER",
+        "NATS server URLs, comma-separated (default `nats://localhost:4222`); `tls://` requires TLS, `nats://user:pass@host` carries credentials",
+    ),
+    ("NATS_USER", "NATS user name (with `NATS_PASSWORD`)"),
+    ("NATS_PASSWORD", "NATS password (with `NATS_USER`)"),
+    ("NATS_TOKEN", "NATS authentication token"),
+    ("NATS_CREDS", "path of a NATS `.creds` file (JWT + NKey)"),
+    ("NATS_CA", "PEM file of CA certificates to trust for NATS TLS"),
+    ("NATS_CERT", "client certificate for NATS TLS (with `NATS_KEY`)"),
+    ("NATS_KEY", "client key for NATS TLS (with `NATS_CERT`)"),
+    ("NATS_TLS_REQUIRED", "`1` or `true`: require TLS to NATS even with `nats://` URLs"),
+    (
+        "DYN_EVENT_PLANE_NATS_BUFFER",
+        "envelopes each NATS publisher holds while disconnected (default 32768); more are dropped and reported as gaps",
+    ),
+    (
+        "ETCD_ENDPOINTS",
+        "etcd client URLs, comma-separated (default `http://localhost:2379`)",
+    ),
+    (
+        "ETCD_LEASE_TTL",
+        "etcd lease TTL of registrations, in seconds (default 10)",
     ),
     (
         "DYN_DISCOVERY_DIR",
@@ -96,10 +124,10 @@ macro_rules! choice {
 choice!(
     /// Which transport carries events.
     TransportKind, "event plane (DYN_EVENT_PLANE / --event-plane)" {
+        /// Through a NATS server or cluster (the default).
+        Nats => "nats",
         /// Peer to peer over ZMQ; publishers found through discovery.
         Zmq => "zmq",
-        /// Through a NATS server (lands with the NATS issue).
-        Nats => "nats",
     }
 );
 
@@ -108,10 +136,10 @@ choice!(
     DiscoveryKind, "discovery backend (DYN_DISCOVERY_BACKEND / --discovery)" {
         /// A directory shared by the processes of one machine.
         File => "file",
+        /// An etcd cluster.
+        Etcd => "etcd",
         /// In this process only.
         Mem => "mem",
-        /// An etcd cluster (lands with the etcd issue).
-        Etcd => "etcd",
     }
 );
 
@@ -136,12 +164,19 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Bounds of each subscriber's queue.
     pub queue: QueueLimits,
+    /// NATS servers, auth, TLS and buffering (used with [`TransportKind::Nats`]).
+    pub nats: NatsOptions,
+    /// etcd client URLs (used with [`DiscoveryKind::Etcd`]).
+    pub etcd_endpoints: Vec<String>,
+    /// Lease TTL of registrations in etcd; replaces `lease_ttl` when the
+    /// discovery backend is etcd.
+    pub etcd_lease_ttl: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            transport: TransportKind::Zmq,
+            transport: TransportKind::Nats,
             discovery: DiscoveryKind::File,
             discovery_dir: None,
             host: "127.0.0.1".into(),
@@ -150,6 +185,9 @@ impl Default for Config {
             lease_ttl: eventplane_discovery::DEFAULT_TTL,
             max_message_bytes: eventplane_core::DEFAULT_MAX_MESSAGE_BYTES,
             queue: QueueLimits::default(),
+            nats: NatsOptions::default(),
+            etcd_endpoints: vec![DEFAULT_ETCD_ENDPOINT.to_owned()],
+            etcd_lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -195,7 +233,74 @@ impl Config {
         if let Some(v) = get("DYN_EVENT_PLANE_QUEUE_BYTES") {
             c.queue.max_bytes = number("DYN_EVENT_PLANE_QUEUE_BYTES", &v, 1024..=1 << 40)? as usize;
         }
+        if let Some(v) = get("NATS_SERVER") {
+            c.nats.servers = list("NATS_SERVER", &v)?;
+        }
+        c.nats.auth = match (get("NATS_USER"), get("NATS_PASSWORD"), get("NATS_TOKEN"), get("NATS_CREDS")) {
+            (None, None, None, None) => NatsAuth::None,
+            (Some(user), Some(password), None, None) => NatsAuth::UserPassword { user, password },
+            (None, None, Some(token), None) => NatsAuth::Token(token),
+            (None, None, None, Some(path)) => NatsAuth::CredentialsFile(PathBuf::from(path)),
+            _ => {
+                return Err(ConfigError {
+                    what: "NATS credentials (NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CREDS)".into(),
+                    value: "an incomplete or mixed set".into(),
+                    expected: "NATS_USER with NATS_PASSWORD, or NATS_TOKEN alone, or NATS_CREDS alone".into(),
+                })
+            }
+        };
+        if let Some(v) = get("NATS_TLS_REQUIRED") {
+            c.nats.tls.required = boolean("NATS_TLS_REQUIRED", &v)?;
+        }
+        c.nats.tls.ca = get("NATS_CA").map(PathBuf::from);
+        c.nats.tls.client_cert = match (get("NATS_CERT"), get("NATS_KEY")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+            _ => {
+                return Err(ConfigError {
+                    what: "NATS client certificate (NATS_CERT, NATS_KEY)".into(),
+                    value: "only one of the two".into(),
+                    expected: "both NATS_CERT and NATS_KEY, or neither".into(),
+                })
+            }
+        };
+        if let Some(v) = get("DYN_EVENT_PLANE_NATS_BUFFER") {
+            c.nats.buffer_messages = number("DYN_EVENT_PLANE_NATS_BUFFER", &v, 16..=1 << 24)? as usize;
+        }
+        if let Some(v) = get("ETCD_ENDPOINTS") {
+            c.etcd_endpoints = list("ETCD_ENDPOINTS", &v)?;
+        }
+        if let Some(v) = get("ETCD_LEASE_TTL") {
+            c.etcd_lease_ttl = Duration::from_secs(number("ETCD_LEASE_TTL", &v, 1..=3600)?);
+        }
+        c.nats.heartbeat_interval = c.heartbeat_interval;
+        c.nats.max_message_bytes = c.max_message_bytes;
         Ok(c)
+    }
+}
+
+/// A comma-separated list of addresses, none empty.
+fn list(var: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let items: Vec<String> = value.split(',').map(|s| s.trim().to_owned()).collect();
+    if items.iter().any(String::is_empty) {
+        return Err(ConfigError {
+            what: var.into(),
+            value: value.into(),
+            expected: "a comma-separated list of URLs, none empty".into(),
+        });
+    }
+    Ok(items)
+}
+
+fn boolean(var: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            what: var.into(),
+            value: value.into(),
+            expected: "one of: 1, true, yes, on, 0, false, no, off".into(),
+        }),
     }
 }
 
@@ -235,17 +340,18 @@ mod tests {
         let c = from(&[]).unwrap();
         assert_eq!(
             (c.transport, c.discovery),
-            (TransportKind::Zmq, DiscoveryKind::File)
+            (TransportKind::Nats, DiscoveryKind::File)
         );
+        assert_eq!(c.nats.servers, vec!["nats://localhost:4222"]);
     }
 
     #[test]
     fn invalid_values_list_the_valid_ones() {
         let e = from(&[("DYN_EVENT_PLANE", "kafka")]).unwrap_err();
-        assert_eq!(e.expected, "one of: zmq, nats");
+        assert_eq!(e.expected, "one of: nats, zmq");
         assert!(e.to_string().contains("DYN_EVENT_PLANE"), "{e}");
         let e = from(&[("DYN_DISCOVERY_BACKEND", "consul")]).unwrap_err();
-        assert_eq!(e.expected, "one of: file, mem, etcd");
+        assert_eq!(e.expected, "one of: file, etcd, mem");
         let e = from(&[("DYN_EVENT_PLANE_HWM", "-3")]).unwrap_err();
         assert!(e.expected.starts_with("a whole number"));
     }
@@ -262,6 +368,39 @@ mod tests {
             (c.transport, c.discovery, c.hwm),
             (TransportKind::Zmq, DiscoveryKind::Mem, 10_000)
         );
+    }
+
+    #[test]
+    fn nats_and_etcd_settings() {
+        let c = from(&[
+            ("NATS_SERVER", "nats://a:4222, nats://b:4222"),
+            ("NATS_USER", "u"),
+            ("NATS_PASSWORD", "p"),
+            ("NATS_TLS_REQUIRED", "true"),
+            ("DYN_DISCOVERY_BACKEND", "etcd"),
+            ("ETCD_ENDPOINTS", "http://e1:2379,http://e2:2379"),
+            ("ETCD_LEASE_TTL", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.nats.servers, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(
+            c.nats.auth,
+            NatsAuth::UserPassword {
+                user: "u".into(),
+                password: "p".into()
+            }
+        );
+        assert!(c.nats.tls.required);
+        assert_eq!(c.etcd_endpoints.len(), 2);
+        assert_eq!(c.etcd_lease_ttl, Duration::from_secs(3));
+        let e = from(&[("NATS_USER", "u")]).unwrap_err();
+        assert!(e.to_string().contains("NATS_PASSWORD"), "{e}");
+        let e = from(&[("NATS_TOKEN", "t"), ("NATS_CREDS", "/x")]).unwrap_err();
+        assert!(e.expected.contains("NATS_TOKEN alone"), "{e}");
+        let e = from(&[("NATS_SERVER", "nats://a,,nats://b")]).unwrap_err();
+        assert!(e.to_string().contains("NATS_SERVER"), "{e}");
+        let e = from(&[("NATS_CERT", "/c.pem")]).unwrap_err();
+        assert!(e.to_string().contains("NATS_KEY"), "{e}");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub use eventplane_core::{
     QueueLimits, RawMessage, RawSubscriber, Scope, Subscriber, SubscriberStats,
 };
 pub use eventplane_discovery::{Discovery, FileDiscovery, MemDiscovery};
+pub use eventplane_nats::{NatsAuth, NatsOptions, NatsStats, NatsTls, NatsTransport};
 use eventplane_zmq::ZmqOptions;
 
 /// Why an event plane could not be started or could not open a channel.
@@ -53,11 +54,28 @@ pub enum PlaneError {
     /// The ZMQ transport failed.
     #[error(transparent)]
     Zmq(#[from] eventplane_zmq::ZmqError),
+    /// The NATS transport failed.
+    #[error(transparent)]
+    Nats(#[from] eventplane_nats::NatsError),
 }
 
 enum Transport {
     Zmq { ctx: zmq::Context, opts: ZmqOptions },
+    Nats(NatsTransport),
     Mem(eventplane_core::MemBus),
+}
+
+/// The state of the transport's connection, for health checks and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum TransportStats {
+    /// Peer to peer: no connection to report (per-subscriber counters are in
+    /// each subscriber's stats).
+    Zmq,
+    /// The NATS client's connection.
+    Nats(NatsStats),
+    /// In-process.
+    Mem,
 }
 
 /// A running event plane. Cheap to share behind an `Arc`.
@@ -77,7 +95,7 @@ impl std::fmt::Debug for EventPlane {
 
 impl EventPlane {
     /// Starts the transport and discovery backend that `config` names.
-    pub async fn start(config: Config) -> Result<Self, PlaneError> {
+    pub async fn start(mut config: Config) -> Result<Self, PlaneError> {
         let discovery: Arc<dyn Discovery> = match config.discovery {
             DiscoveryKind::File => {
                 let dir = config.discovery_dir.clone().unwrap_or_else(FileDiscovery::default_dir);
@@ -85,45 +103,76 @@ impl EventPlane {
             }
             DiscoveryKind::Mem => Arc::new(MemDiscovery::new()),
             DiscoveryKind::Etcd => {
-                return Err(PlaneError::Unsupported(
-                    "the etcd discovery backend is not available in this build yet; use DYN_DISCOVERY_BACKEND=file (one machine) or mem (one process)".into(),
-                ))
+                config.lease_ttl = config.etcd_lease_ttl;
+                etcd_discovery(&config).await?
             }
         };
-        Self::with_discovery(config, discovery)
+        Self::connect(config, discovery).await
     }
 
     /// Starts the transport `config` names over a discovery backend given by
-    /// the caller (tests share one [`MemDiscovery`] between planes).
+    /// the caller (tests share one [`MemDiscovery`] between planes). For the
+    /// NATS transport use [`connect`](Self::connect), which can wait for the
+    /// server.
     pub fn with_discovery(
         config: Config,
         discovery: Arc<dyn Discovery>,
     ) -> Result<Self, PlaneError> {
         let transport = match config.transport {
-            TransportKind::Zmq => Transport::Zmq {
-                ctx: zmq::Context::new(),
-                opts: ZmqOptions {
-                    host: config.host.clone(),
-                    sndhwm: config.hwm,
-                    rcvhwm: config.hwm,
-                    heartbeat_interval: config.heartbeat_interval,
-                    lease_ttl: config.lease_ttl,
-                    max_message_bytes: config.max_message_bytes,
-                    ..ZmqOptions::default()
-                },
-            },
             TransportKind::Nats => {
                 return Err(PlaneError::Unsupported(
-                    "the NATS transport is not available in this build yet; use DYN_EVENT_PLANE=zmq (or --event-plane zmq), which needs no server".into(),
+                    "the NATS transport connects asynchronously: use EventPlane::connect".into(),
                 ))
             }
+            TransportKind::Zmq => Self::zmq_transport(&config),
         };
+        Ok(Self::assemble(config, transport, discovery))
+    }
+
+    /// Starts the transport `config` names (connecting to NATS if it is the
+    /// one) over a discovery backend given by the caller.
+    pub async fn connect(
+        config: Config,
+        discovery: Arc<dyn Discovery>,
+    ) -> Result<Self, PlaneError> {
+        let transport = match config.transport {
+            TransportKind::Nats => Transport::Nats(NatsTransport::connect(config.nats.clone()).await?),
+            TransportKind::Zmq => Self::zmq_transport(&config),
+        };
+        Ok(Self::assemble(config, transport, discovery))
+    }
+
+    fn assemble(config: Config, transport: Transport, discovery: Arc<dyn Discovery>) -> Self {
         tracing::debug!(transport = %config.transport, discovery = discovery.name(), "event plane started");
-        Ok(Self {
+        Self {
             transport,
             discovery,
             config,
-        })
+        }
+    }
+
+    fn zmq_transport(config: &Config) -> Transport {
+        Transport::Zmq {
+            ctx: zmq::Context::new(),
+            opts: ZmqOptions {
+                host: config.host.clone(),
+                sndhwm: config.hwm,
+                rcvhwm: config.hwm,
+                heartbeat_interval: config.heartbeat_interval,
+                lease_ttl: config.lease_ttl,
+                max_message_bytes: config.max_message_bytes,
+                ..ZmqOptions::default()
+            },
+        }
+    }
+
+    /// The transport's connection state and totals.
+    pub fn transport_stats(&self) -> TransportStats {
+        match &self.transport {
+            Transport::Zmq { .. } => TransportStats::Zmq,
+            Transport::Nats(n) => TransportStats::Nats(n.stats()),
+            Transport::Mem(_) => TransportStats::Mem,
+        }
     }
 
     /// An event plane entirely inside this process: the in-process transport
@@ -163,6 +212,7 @@ impl EventPlane {
                         .await?,
                 )
             }
+            Transport::Nats(n) => Ok(n.publisher(channel, identity).await?),
             Transport::Mem(bus) => {
                 Ok(bus.publisher(channel, identity, self.config.max_message_bytes))
             }
@@ -175,6 +225,7 @@ impl EventPlane {
             Transport::Zmq { ctx, opts } => {
                 Ok(eventplane_zmq::subscribe_to(ctx, &self.discovery, channel, opts).await?)
             }
+            Transport::Nats(n) => Ok(n.subscriber(channel).await?),
             Transport::Mem(bus) => Ok(bus.subscriber(channel, self.config.queue)),
         }
     }
@@ -186,4 +237,20 @@ impl EventPlane {
     ) -> Result<Subscriber<T>, PlaneError> {
         Ok(Subscriber::new(self.raw_subscriber(channel).await?))
     }
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_discovery(config: &Config) -> Result<Arc<dyn Discovery>, PlaneError> {
+    let opts = eventplane_discovery::EtcdOptions {
+        endpoints: config.etcd_endpoints.clone(),
+        ..eventplane_discovery::EtcdOptions::default()
+    };
+    Ok(Arc::new(eventplane_discovery::EtcdDiscovery::connect(opts).await?))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_discovery(_config: &Config) -> Result<Arc<dyn Discovery>, PlaneError> {
+    Err(PlaneError::Unsupported(
+        "this eventplane was built without etcd support (it needs protoc to build): rebuild with `cargo build --release --features etcd` (scripts/test.sh installs protoc), or use DYN_DISCOVERY_BACKEND=file on one machine".into(),
+    ))
 }

@@ -1,8 +1,9 @@
 //! `eventplane bench transport`: what a subscriber gets from a publisher.
 //!
-//! For every payload size and transport (eventplane over ZMQ, eventplane's
-//! in-process transport, and raw libzmq PUB/SUB as the baseline), in one
-//! process and, for the socket transports, across two:
+//! For every payload size and transport (eventplane over ZMQ and over NATS,
+//! eventplane's in-process transport, and the baselines: raw libzmq PUB/SUB
+//! and raw async-nats through the same `nats-server`), in one process and,
+//! for the socket transports, across two:
 //!
 //! 1. **Sustained throughput**: the highest offered rate at which the
 //!    subscriber receives every message. Found by bisection between 0 and
@@ -19,9 +20,14 @@
 //! Raw libzmq uses the same high-water marks, payload sizes and pacing: one
 //! frame per message, a topic as long as ours (subscribed to, so it is
 //! filtered as ours is), then the payload, which carries the bench's counter
-//! and timestamp. Latency runs alternate between the transports, three
-//! rounds, and report each percentile's median, so that a noisy moment of
-//! the machine does not land on one transport only.
+//! and timestamp. Raw async-nats likewise publishes on a subject as long as
+//! ours, from a thread of its own, with the same pacing. Latency runs
+//! alternate between the transports, three rounds, and report each
+//! percentile's median, so that a noisy moment of the machine does not land
+//! on one transport only.
+//!
+//! Without `--nats-server`, the bench starts a `nats-server` of its own on a
+//! free loopback port for the NATS rows (and stops it at the end).
 
 use anyhow::{bail, Context};
 use eventplane::{Config, DiscoveryKind, Event, EventPlane, Identity, Scope, TransportKind};
@@ -89,11 +95,60 @@ fn name(t: BenchTransport) -> &'static str {
         BenchTransport::Zmq => "eventplane-zmq",
         BenchTransport::Mem => "eventplane-mem",
         BenchTransport::RawZmq => "raw-libzmq",
+        BenchTransport::Nats => "eventplane-nats",
+        BenchTransport::RawNats => "raw-async-nats",
     }
 }
 
-pub async fn run(a: TransportBenchArgs) -> anyhow::Result<()> {
+/// The raw baseline a transport's ratios compare with.
+fn baseline(t: BenchTransport) -> BenchTransport {
+    match t {
+        BenchTransport::Nats | BenchTransport::RawNats => BenchTransport::RawNats,
+        _ => BenchTransport::RawZmq,
+    }
+}
+
+/// The requested transports, each baseline added once after the first
+/// transport that needs it.
+fn with_baselines(requested: &[BenchTransport]) -> Vec<BenchTransport> {
+    let mut out = Vec::new();
+    for &t in requested {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    for &t in requested {
+        let b = baseline(t);
+        if !out.contains(&b) {
+            let at = out.iter().rposition(|&x| baseline(x) == b).map_or(out.len(), |i| i + 1);
+            out.insert(at, b);
+        }
+    }
+    out
+}
+
+pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
     let hwm = Config::from_env()?.hwm;
+    a.transports = with_baselines(&a.transports);
+    let needs_nats = a
+        .transports
+        .iter()
+        .any(|t| matches!(t, BenchTransport::Nats | BenchTransport::RawNats));
+    // Our own server unless one was given; stopped when the bench ends.
+    let mut _own_server = None;
+    let nats_url = match (&a.nats_server, needs_nats) {
+        (Some(url), _) => Some(url.clone()),
+        (None, true) => {
+            if !nats_server_installed() {
+                bail!("the NATS rows need `nats-server` (apt-get install nats-server, or scripts/test.sh), or --nats-server URL; to skip them: --transports mem,zmq");
+            }
+            let server = eventplane_testkit::nats::NatsServer::start();
+            let url = server.url();
+            _own_server = Some(server);
+            Some(url)
+        }
+        (None, false) => None,
+    };
     let mut rows = Vec::new();
     for &size in &a.sizes {
         for mode in [Mode::OneProcess, Mode::TwoProcess] {
@@ -109,6 +164,7 @@ pub async fn run(a: TransportBenchArgs) -> anyhow::Result<()> {
                     mode,
                     hwm,
                     seq: 0,
+                    nats_url: nats_url.clone().unwrap_or_default(),
                 })
                 .collect();
             let mut group = Vec::new();
@@ -157,10 +213,18 @@ pub async fn run(a: TransportBenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // Ratios against raw libzmq with the same size and process layout.
+    // Ratios against the raw baseline with the same size and process layout.
     for i in 0..rows.len() {
+        let base_name = if rows[i]["transport"]
+            .as_str()
+            .is_some_and(|t| t.contains("nats"))
+        {
+            name(BenchTransport::RawNats)
+        } else {
+            name(BenchTransport::RawZmq)
+        };
         let base = rows.iter().find(|r| {
-            r["transport"] == "raw-libzmq"
+            r["transport"] == base_name
                 && r["size"] == rows[i]["size"]
                 && r["processes"] == rows[i]["processes"]
         });
@@ -311,6 +375,7 @@ struct Rig {
     mode: Mode,
     hwm: i32,
     seq: u64,
+    nats_url: String,
 }
 
 impl Rig {
@@ -320,6 +385,9 @@ impl Rig {
             (BenchTransport::RawZmq, mode) => {
                 let hwm = self.hwm;
                 tokio::task::spawn_blocking(move || raw_trial(spec, mode, hwm)).await?
+            }
+            (BenchTransport::RawNats, mode) => {
+                raw_nats_trial(spec, mode, &self.nats_url, &subject(self.seq)).await
             }
             (t, mode) => self.plane_trial(t, mode, spec).await,
         }
@@ -341,6 +409,10 @@ impl Rig {
         let dir = tempfile::tempdir()?;
         let plane = match (t, mode) {
             (BenchTransport::Mem, _) => EventPlane::in_process(),
+            (BenchTransport::Nats, _) => {
+                EventPlane::connect(nats_config(&self.nats_url), Arc::new(MemDiscovery::new()))
+                    .await?
+            }
             (_, Mode::OneProcess) => {
                 EventPlane::with_discovery(config, Arc::new(MemDiscovery::new()))?
             }
@@ -381,7 +453,11 @@ impl Rig {
                 })
             }
             Mode::TwoProcess => {
-                let mut child = peer_command("zmq", dir.path().as_os_str(), spec, self.hwm)?
+                let (kind, target) = match t {
+                    BenchTransport::Nats => ("nats", std::ffi::OsString::from(&self.nats_url)),
+                    _ => ("zmq", dir.path().as_os_str().to_owned()),
+                };
+                let mut child = peer_command(kind, &target, spec, self.hwm)?
                     .args(["--topic", channel.topic()])
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
@@ -624,17 +700,34 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
             publ.recv_bytes(0)?;
             send_raw(&publ, spec)?
         }
-        BenchTransport::Zmq => {
-            let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(&a.target)?);
-            let config = Config {
-                discovery: DiscoveryKind::File,
-                hwm,
-                ..Config::default()
+        BenchTransport::RawNats => {
+            let client = async_nats::connect(&a.target).await?;
+            let subject = format!("ep.bench.transport.{}", a.topic);
+            let r = tokio::task::spawn_blocking(move || send_raw_nats(&client, &subject, spec))
+                .await??;
+            r
+        }
+        BenchTransport::Zmq | BenchTransport::Nats => {
+            let plane = if a.transport == BenchTransport::Nats {
+                // The parent subscribed before starting us: no wait needed.
+                EventPlane::connect(nats_config(&a.target), Arc::new(MemDiscovery::new())).await?
+            } else {
+                let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(&a.target)?);
+                let config = Config {
+                    transport: TransportKind::Zmq,
+                    discovery: DiscoveryKind::File,
+                    hwm,
+                    ..Config::default()
+                };
+                EventPlane::with_discovery(config, d)?
             };
-            let plane = EventPlane::with_discovery(config, d)?;
             let channel = Scope::new("bench", "transport")?.channel(&a.topic)?;
             let publisher = plane.publisher(&channel, Identity::new(1)).await?;
-            if !tokio::time::timeout(Duration::from_secs(10), publisher.wait_for_subscriptions(1))
+            if a.transport == BenchTransport::Zmq
+                && !tokio::time::timeout(
+                    Duration::from_secs(10),
+                    publisher.wait_for_subscriptions(1),
+                )
                 .await
                 .unwrap_or(false)
             {
@@ -663,4 +756,126 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
         json!({"type": "done", "sent": sent, "send_s": send_s})
     );
     Ok(())
+}
+
+/// The subject of trial `seq`, as the plane's channel `bench.transport.t<seq>`.
+fn subject(seq: u64) -> String {
+    format!("ep.bench.transport.t{seq}")
+}
+
+/// An event plane over NATS at `url`, with the bench's discovery (none needed).
+fn nats_config(url: &str) -> Config {
+    let mut c = Config {
+        transport: TransportKind::Nats,
+        discovery: DiscoveryKind::Mem,
+        ..Config::default()
+    };
+    c.nats.servers = vec![url.to_owned()];
+    c
+}
+
+fn nats_server_installed() -> bool {
+    Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Raw async-nats: one client subscribes (confirmed by a flush), another
+/// publishes from a thread of its own, paced like the others.
+async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> anyhow::Result<Trial> {
+    let sub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe(subject.to_owned()).await?;
+    sub_client.flush().await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>> = match mode {
+        Mode::OneProcess => {
+            let client = async_nats::connect(url).await?;
+            let (done, subject) = (done.clone(), subject.to_owned());
+            std::thread::spawn(move || {
+                let r = send_raw_nats(&client, &subject, spec);
+                done.store(true, Ordering::Release);
+                r
+            })
+        }
+        Mode::TwoProcess => {
+            let topic = subject.rsplit('.').next().unwrap_or("t");
+            let mut child = peer_command("raw-nats", url.as_ref(), spec, 1)?
+                .args(["--topic", topic])
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let r = read_peer(lines);
+                let _ = child.wait();
+                done.store(true, Ordering::Release);
+                r
+            })
+        }
+    };
+    let mut received = 0u64;
+    let mut latency_ns = hist();
+    let mut last_progress = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        if received >= spec.count && done.load(Ordering::Acquire) {
+            break;
+        }
+        tokio::select! {
+            biased;
+            msg = futures::StreamExt::next(&mut sub) => match msg {
+                Some(m) => {
+                    received += 1;
+                    if m.payload.len() >= 16 {
+                        let ts = u64::from_le_bytes(m.payload[8..16].try_into().expect("8 bytes"));
+                        let _ = latency_ns.record(unix_nanos().saturating_sub(ts).max(1));
+                    }
+                    last_progress = Instant::now();
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if done.load(Ordering::Acquire) && last_progress.elapsed() > QUIET {
+                    break;
+                }
+            }
+        }
+    }
+    let (sent, send_s) = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(Trial {
+        sent,
+        send_s,
+        received,
+        reported_lost: None,
+        latency_ns,
+    })
+}
+
+/// Publishes raw payloads (counter and timestamp first) with async-nats,
+/// from the calling thread, waiting only when the client's queue is full.
+fn send_raw_nats(client: &async_nats::Client, subject: &str, spec: Spec) -> anyhow::Result<(u64, f64)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let subject = async_nats::Subject::from(subject);
+    let mut payload = vec![0u8; spec.size.max(16)];
+    let pacer = Pacer::new(spec.rate);
+    rt.block_on(async {
+        let start = Instant::now();
+        for k in 0..spec.count {
+            pacer.wait_for(k);
+            payload[..8].copy_from_slice(&k.to_le_bytes());
+            payload[8..16].copy_from_slice(&unix_nanos().to_le_bytes());
+            client
+                .publish(subject.clone(), bytes::Bytes::copy_from_slice(&payload))
+                .await?;
+        }
+        let send_s = start.elapsed().as_secs_f64();
+        client.flush().await?;
+        Ok((spec.count, send_s))
+    })
 }
