@@ -278,7 +278,12 @@ pub struct TransportBenchArgs {
     pub sizes: Vec<usize>,
     /// Transports to measure. Each one's baseline is added when missing (raw-zmq for zmq and
     /// mem, raw-nats for nats): ratios compare with it.
-    #[arg(long, alias = "transport", value_delimiter = ',', default_value = "mem,zmq,nats")]
+    #[arg(
+        long,
+        alias = "transport",
+        value_delimiter = ',',
+        default_value = "mem,zmq,nats"
+    )]
     pub transports: Vec<BenchTransport>,
     /// NATS server for the nats transports [default: a nats-server this bench starts on a free
     /// loopback port].

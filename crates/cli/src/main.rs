@@ -27,8 +27,8 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     let level = cli.log.as_deref().unwrap_or(default_level);
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG")
-        .unwrap_or_else(|_| {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG").unwrap_or_else(|_| {
             // async-nats logs every client event at info (one line per
             // slow-consumer drop); the transport counts and logs them once.
             tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn"))

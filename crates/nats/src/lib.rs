@@ -127,7 +127,9 @@ pub struct NatsOptions {
     /// Envelopes a publisher holds while disconnected, and the depth of the
     /// client's own outgoing queue.
     pub buffer_messages: usize,
-    /// Messages a subscription buffers before the client drops for it.
+    /// Messages a subscription buffers before the client drops for it
+    /// (`DYN_EVENT_PLANE_HWM`, 100,000 by default as for ZMQ). A dropped
+    /// message had a sequence number: subscribers report it as a gap.
     pub subscription_messages: usize,
     /// First reconnect delay after the immediate retry.
     pub reconnect_min: Duration,
@@ -151,7 +153,7 @@ impl Default for NatsOptions {
             name: None,
             connect_timeout: Duration::from_secs(5),
             buffer_messages: 32_768,
-            subscription_messages: 65_536,
+            subscription_messages: 100_000,
             reconnect_min: Duration::from_millis(25),
             reconnect_max: Duration::from_secs(2),
             settle: Duration::from_secs(1),

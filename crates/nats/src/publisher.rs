@@ -15,7 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::{hello_subject, NatsCounters, NatsError, NatsTransport};
 
@@ -44,6 +44,8 @@ struct Shared {
 struct NatsSink {
     shared: Arc<Shared>,
     driver: tokio::task::AbortHandle,
+    /// Distinct subscribers that have said hello so far.
+    subscriptions: watch::Receiver<u64>,
 }
 
 impl Drop for NatsSink {
@@ -101,6 +103,10 @@ impl FrameSink for NatsSink {
             }
         }
     }
+
+    fn subscriptions(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.subscriptions.clone())
+    }
 }
 
 /// Creates a publisher on `channel` and starts its driver.
@@ -128,10 +134,19 @@ pub(crate) async fn publish_on(
         held: Notify::new(),
     });
     let (driver_tx, driver_rx) = tokio::sync::oneshot::channel::<WeakPublisher>();
-    let driver = tokio::spawn(drive(shared.clone(), transport.clone(), hellos, driver_rx));
+    let (count_tx, subscriptions) = watch::channel(0u64);
+    let driver = tokio::spawn(drive(
+        shared.clone(),
+        transport.clone(),
+        hellos,
+        driver_rx,
+        count_tx,
+        hello_subject,
+    ));
     let sink = NatsSink {
         shared,
         driver: driver.abort_handle(),
+        subscriptions,
     };
     let publisher = Publisher::new(
         channel.clone(),
@@ -149,10 +164,14 @@ async fn drive(
     transport: NatsTransport,
     mut hellos: async_nats::Subscriber,
     publisher: tokio::sync::oneshot::Receiver<WeakPublisher>,
+    subscriptions: watch::Sender<u64>,
+    hello_subject: String,
 ) {
     let Ok(publisher) = publisher.await else {
         return;
     };
+    // Subscribers that were there before us learn of us from this.
+    roll_call(&shared.client, &hello_subject).await;
     let interval = transport.options().heartbeat_interval;
     let settle = transport.options().settle;
     let mut link = transport.link();
@@ -173,7 +192,9 @@ async fn drive(
                 let Some(p) = publisher.upgrade() else { return };
                 match parse_hello(&hello.payload) {
                     Some(Hello::Hello(id)) => {
-                        known.insert(id);
+                        if known.insert(id) {
+                            subscriptions.send_modify(|n| *n += 1);
+                        }
                         returned.insert(id);
                         if settling.is_none() {
                             // Welcome: it learns our last sequence number.
@@ -184,18 +205,21 @@ async fn drive(
                         known.remove(&id);
                         returned.remove(&id);
                     }
+                    // Another publisher's roll call.
+                    Some(Hello::Roll) => {}
                     None => {}
                 }
             }
             changed = link.changed() => {
                 if changed.is_err() { return; }
                 let l = *link.borrow_and_update();
-                let mut hold = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
-                hold.active = true;
-                drop(hold);
+                shared.hold.lock().unwrap_or_else(|p| p.into_inner()).active = true;
                 if l.connected {
                     returned.clear();
                     settling = Some(tokio::time::Instant::now() + settle);
+                    // Subscribers that reconnected before us said hello to no
+                    // one: ask again.
+                    roll_call(&shared.client, &hello_subject).await;
                 } else {
                     settling = None;
                 }
@@ -238,6 +262,14 @@ async fn drive(
     }
 }
 
+/// Asks the channel's subscribers to say hello. Our hello subscription was
+/// sent before this on the same connection, so the answers reach us.
+async fn roll_call(client: &Client, hello_subject: &str) {
+    let _ = client
+        .publish(hello_subject.to_owned(), encode_hello(Hello::Roll))
+        .await;
+}
+
 /// Moves held envelopes to the client in order, then stops holding. New
 /// envelopes keep joining the queue until it is empty, so order is kept.
 async fn release(shared: &Shared) {
@@ -269,19 +301,24 @@ async fn release(shared: &Shared) {
     }
 }
 
-/// A subscriber's announcement on the hello subject.
+/// An announcement on a channel's hello subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hello {
-    /// Subscribed (or resubscribed after a reconnect).
+    /// A publisher asks every subscriber to say hello (at its start and
+    /// after it reconnects).
+    Roll,
+    /// A subscriber subscribed (or resubscribed after a reconnect), or
+    /// answers a roll call.
     Hello(u64),
-    /// Going away.
+    /// A subscriber is going away.
     Bye(u64),
 }
 
-/// Encodes an announcement: `hello <id>` or `bye <id>`, ASCII, so any client
-/// can send one.
+/// Encodes an announcement: `roll`, `hello <id>` or `bye <id>`, ASCII, so
+/// any client can send one.
 pub fn encode_hello(h: Hello) -> Bytes {
     match h {
+        Hello::Roll => "roll".to_owned(),
         Hello::Hello(id) => format!("hello {id}"),
         Hello::Bye(id) => format!("bye {id}"),
     }
@@ -291,6 +328,9 @@ pub fn encode_hello(h: Hello) -> Bytes {
 /// Parses an announcement; `None` for anything else (ignored).
 pub fn parse_hello(payload: &[u8]) -> Option<Hello> {
     let text = std::str::from_utf8(payload).ok()?;
+    if text.trim() == "roll" {
+        return Some(Hello::Roll);
+    }
     let (word, id) = text.split_once(' ')?;
     let id = id.trim().parse().ok()?;
     match word {
@@ -306,7 +346,7 @@ mod tests {
 
     #[test]
     fn hellos_round_trip_and_garbage_is_ignored() {
-        for h in [Hello::Hello(7), Hello::Bye(u64::MAX)] {
+        for h in [Hello::Roll, Hello::Hello(7), Hello::Bye(u64::MAX)] {
             assert_eq!(parse_hello(&encode_hello(h)), Some(h));
         }
         assert_eq!(parse_hello(b"hello"), None);

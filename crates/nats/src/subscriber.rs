@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::publisher::{encode_hello, Hello};
+use crate::publisher::{encode_hello, parse_hello, Hello};
 use crate::{hello_subject, NatsError, NatsTransport};
 
 /// Most messages handed to the subscriber in one batch.
@@ -122,36 +122,51 @@ pub(crate) async fn subscribe_to(
             subject: channel.subject().to_owned(),
             reason: e.to_string(),
         })?;
-    // A flush round-trips to the server, so the subscription (sent earlier
-    // on the same connection) is in place when this returns, and before
+    let subject = hello_subject(channel);
+    // Publishers' roll calls come on the hello subject.
+    let mut rolls = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| NatsError::Subscribe {
+            subject: subject.clone(),
+            reason: e.to_string(),
+        })?;
+    // A flush round-trips to the server, so the subscriptions (sent earlier
+    // on the same connection) are in place when this returns, and before
     // publishers answer the hello.
     client.flush().await.map_err(|e| NatsError::Subscribe {
         subject: channel.subject().to_owned(),
         reason: e.to_string(),
     })?;
     let id: u64 = rand::random();
-    let subject = hello_subject(channel);
     let mut link = transport.link();
     link.borrow_and_update();
     let hello = tokio::spawn({
         let client = client.clone();
         let subject = subject.clone();
         async move {
+            let hello = || client.publish(subject.clone(), encode_hello(Hello::Hello(id)));
+            let _ = hello().await;
             loop {
-                let _ = client
-                    .publish(subject.clone(), encode_hello(Hello::Hello(id)))
-                    .await;
-                // Again after every reconnect: the client resubscribes on the
-                // new connection before it sends anything we queue.
-                loop {
-                    if link.changed().await.is_err() {
-                        return;
+                tokio::select! {
+                    // Again after every reconnect: the client resubscribes on
+                    // the new connection before it sends anything we queue.
+                    changed = link.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if link.borrow_and_update().connected {
+                            let _ = hello().await;
+                        }
                     }
-                    if link.borrow_and_update().connected {
-                        break;
+                    // And whenever a publisher calls the roll.
+                    msg = futures::StreamExt::next(&mut rolls) => {
+                        let Some(msg) = msg else { return };
+                        if parse_hello(&msg.payload) == Some(Hello::Roll) {
+                            let _ = hello().await;
+                        }
                     }
                 }
-                let _ = client.flush().await;
             }
         }
     });

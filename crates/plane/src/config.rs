@@ -57,7 +57,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     (
         "DYN_EVENT_PLANE_HWM",
-        "ZMQ send and receive high-water marks, in messages",
+        "high-water marks, in messages: ZMQ send and receive queues, and each NATS subscription's buffer",
     ),
     (
         "DYN_EVENT_PLANE_HEARTBEAT_MS",
@@ -236,16 +236,24 @@ impl Config {
         if let Some(v) = get("NATS_SERVER") {
             c.nats.servers = list("NATS_SERVER", &v)?;
         }
-        c.nats.auth = match (get("NATS_USER"), get("NATS_PASSWORD"), get("NATS_TOKEN"), get("NATS_CREDS")) {
+        c.nats.auth = match (
+            get("NATS_USER"),
+            get("NATS_PASSWORD"),
+            get("NATS_TOKEN"),
+            get("NATS_CREDS"),
+        ) {
             (None, None, None, None) => NatsAuth::None,
             (Some(user), Some(password), None, None) => NatsAuth::UserPassword { user, password },
             (None, None, Some(token), None) => NatsAuth::Token(token),
             (None, None, None, Some(path)) => NatsAuth::CredentialsFile(PathBuf::from(path)),
             _ => {
                 return Err(ConfigError {
-                    what: "NATS credentials (NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CREDS)".into(),
+                    what: "NATS credentials (NATS_USER, NATS_PASSWORD, NATS_TOKEN, NATS_CREDS)"
+                        .into(),
                     value: "an incomplete or mixed set".into(),
-                    expected: "NATS_USER with NATS_PASSWORD, or NATS_TOKEN alone, or NATS_CREDS alone".into(),
+                    expected:
+                        "NATS_USER with NATS_PASSWORD, or NATS_TOKEN alone, or NATS_CREDS alone"
+                            .into(),
                 })
             }
         };
@@ -265,7 +273,8 @@ impl Config {
             }
         };
         if let Some(v) = get("DYN_EVENT_PLANE_NATS_BUFFER") {
-            c.nats.buffer_messages = number("DYN_EVENT_PLANE_NATS_BUFFER", &v, 16..=1 << 24)? as usize;
+            c.nats.buffer_messages =
+                number("DYN_EVENT_PLANE_NATS_BUFFER", &v, 16..=1 << 24)? as usize;
         }
         if let Some(v) = get("ETCD_ENDPOINTS") {
             c.etcd_endpoints = list("ETCD_ENDPOINTS", &v)?;
@@ -274,6 +283,7 @@ impl Config {
             c.etcd_lease_ttl = Duration::from_secs(number("ETCD_LEASE_TTL", &v, 1..=3600)?);
         }
         c.nats.heartbeat_interval = c.heartbeat_interval;
+        c.nats.subscription_messages = c.hwm as usize;
         c.nats.max_message_bytes = c.max_message_bytes;
         Ok(c)
     }

@@ -98,7 +98,10 @@ impl EventPlane {
     pub async fn start(mut config: Config) -> Result<Self, PlaneError> {
         let discovery: Arc<dyn Discovery> = match config.discovery {
             DiscoveryKind::File => {
-                let dir = config.discovery_dir.clone().unwrap_or_else(FileDiscovery::default_dir);
+                let dir = config
+                    .discovery_dir
+                    .clone()
+                    .unwrap_or_else(FileDiscovery::default_dir);
                 Arc::new(FileDiscovery::new(dir)?)
             }
             DiscoveryKind::Mem => Arc::new(MemDiscovery::new()),
@@ -136,7 +139,9 @@ impl EventPlane {
         discovery: Arc<dyn Discovery>,
     ) -> Result<Self, PlaneError> {
         let transport = match config.transport {
-            TransportKind::Nats => Transport::Nats(NatsTransport::connect(config.nats.clone()).await?),
+            TransportKind::Nats => {
+                Transport::Nats(NatsTransport::connect(config.nats.clone()).await?)
+            }
             TransportKind::Zmq => Self::zmq_transport(&config),
         };
         Ok(Self::assemble(config, transport, discovery))
@@ -245,7 +250,9 @@ async fn etcd_discovery(config: &Config) -> Result<Arc<dyn Discovery>, PlaneErro
         endpoints: config.etcd_endpoints.clone(),
         ..eventplane_discovery::EtcdOptions::default()
     };
-    Ok(Arc::new(eventplane_discovery::EtcdDiscovery::connect(opts).await?))
+    Ok(Arc::new(
+        eventplane_discovery::EtcdDiscovery::connect(opts).await?,
+    ))
 }
 
 #[cfg(not(feature = "etcd"))]

@@ -120,7 +120,10 @@ fn with_baselines(requested: &[BenchTransport]) -> Vec<BenchTransport> {
     for &t in requested {
         let b = baseline(t);
         if !out.contains(&b) {
-            let at = out.iter().rposition(|&x| baseline(x) == b).map_or(out.len(), |i| i + 1);
+            let at = out
+                .iter()
+                .rposition(|&x| baseline(x) == b)
+                .map_or(out.len(), |i| i + 1);
             out.insert(at, b);
         }
     }
@@ -859,8 +862,14 @@ async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> any
 
 /// Publishes raw payloads (counter and timestamp first) with async-nats,
 /// from the calling thread, waiting only when the client's queue is full.
-fn send_raw_nats(client: &async_nats::Client, subject: &str, spec: Spec) -> anyhow::Result<(u64, f64)> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+fn send_raw_nats(
+    client: &async_nats::Client,
+    subject: &str,
+    spec: Spec,
+) -> anyhow::Result<(u64, f64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let subject = async_nats::Subject::from(subject);
     let mut payload = vec![0u8; spec.size.max(16)];
     let pacer = Pacer::new(spec.rate);

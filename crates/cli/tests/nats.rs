@@ -1,0 +1,209 @@
+//! The `eventplane` binary over NATS, against a real `nats-server` started on
+//! a free loopback port: publishers and a subscriber in separate processes,
+//! a restart recognised as a new incarnation, a clear error when no server
+//! answers, and a `nats-py` subscriber written from `docs/wire-format.md`
+//! alone.
+
+mod common;
+
+use common::Proc;
+use eventplane_testkit::nats::NatsServer;
+use std::collections::BTreeMap;
+use std::process::Command;
+
+const N: u64 = 50_000;
+
+fn nats_env(server: &NatsServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("DYN_EVENT_PLANE", "nats".into()),
+        ("NATS_SERVER", server.url()),
+    ]
+}
+
+fn start(name: &str, dir: &std::path::Path, server: &NatsServer, args: &[&str]) -> Proc {
+    let env = nats_env(server);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Proc::start_with_env(name, dir, args, &env)
+}
+
+fn publisher(dir: &std::path::Path, server: &NatsServer, id: u64, count: u64) -> Proc {
+    start(
+        &format!("publisher {id}"),
+        dir,
+        server,
+        &[
+            "publish",
+            "-c",
+            "workers",
+            "-t",
+            "load",
+            "--publisher-id",
+            &id.to_string(),
+            "--value",
+            r#"{"blocks_used":7}"#,
+            "--count",
+            &count.to_string(),
+            "--rate",
+            "10000",
+            "--wait-subscribers",
+            "1",
+            "--hold",
+        ],
+    )
+}
+
+#[test]
+fn publishers_and_a_subscriber_in_separate_processes() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tail = start(
+        "tail",
+        dir.path(),
+        &server,
+        &["tail", "-c", "workers", "-t", "load", "--no-values"],
+    );
+    let mut pubs: BTreeMap<u64, Proc> = (1..=2)
+        .map(|id| (id, publisher(dir.path(), &server, id, N)))
+        .collect();
+    let mut incarnations = BTreeMap::new();
+    for (id, p) in &pubs {
+        incarnations.insert(*id, p.until_type("ready")["incarnation"].as_u64().unwrap());
+        p.until_type("published");
+    }
+    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut notices = Vec::new();
+    while (1..=2).any(|id| next.get(&id).copied().unwrap_or(1) <= N) {
+        let line = tail.next_line();
+        match line["type"].as_str() {
+            Some("message") => {
+                let pid = line["publisher_id"].as_u64().unwrap();
+                let n = next.entry(pid).or_insert(1);
+                assert_eq!(
+                    line["seq"].as_u64(),
+                    Some(*n),
+                    "publisher {pid}: lost or out of order"
+                );
+                *n += 1;
+            }
+            Some("notice") if line["notice"] != "joined" && line["notice"] != "silent" => {
+                notices.push(line)
+            }
+            _ => {}
+        }
+    }
+    assert!(notices.is_empty(), "unexpected notices: {notices:?}");
+
+    // Publisher 2 restarts with the same id: a new incarnation, recognised.
+    let mut old = pubs.remove(&2).unwrap();
+    old.signal(libc::SIGTERM);
+    old.wait();
+    let restarted = publisher(dir.path(), &server, 2, 10);
+    let new_inc = restarted.until_type("ready")["incarnation"]
+        .as_u64()
+        .unwrap();
+    let notice = tail.until(
+        |l| l["type"] == "notice" && l["notice"] == "restarted",
+        |_| {},
+    );
+    assert_eq!(notice["publisher_id"], 2);
+    assert_eq!(notice["old_incarnation"].as_u64(), Some(incarnations[&2]));
+    assert_eq!(notice["new_incarnation"].as_u64(), Some(new_inc));
+    assert_eq!(notice["last_seq"].as_u64(), Some(N));
+
+    tail.signal(libc::SIGTERM);
+    let summary = tail.until_type("summary");
+    assert_eq!(summary["stats"]["sequence"]["lost"], 0, "{summary}");
+}
+
+#[test]
+fn an_unreachable_server_is_named_in_the_error() {
+    let port = eventplane_testkit::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args([
+            "tail",
+            "-c",
+            "workers",
+            "-t",
+            "load",
+            "--event-plane",
+            "nats",
+        ])
+        .args(["--nats-server", &url])
+        .env("EVENTPLANE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("NATS_SERVER"), "{err}");
+}
+
+#[test]
+fn nats_py_subscriber_written_from_the_spec_receives_everything() {
+    let root = common::workspace_root();
+    let Some(python) = common::python(&root, &["nats", "msgpack"]) else {
+        return;
+    };
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let count = 50u64;
+    let value = r#"{"blocks":[1,2,18446744073709551615],"name":"w1"}"#;
+    let mut subscriber = Proc::spawn(
+        "nats-py subscriber",
+        Command::new(&python)
+            .arg(root.join("tests/interop/nats_subscriber.py"))
+            .args(["--server", &server.url()])
+            .args([
+                "--namespace",
+                "dynamo",
+                "--component",
+                "comp",
+                "--topic",
+                "topic-x",
+            ])
+            .args(["--count", &count.to_string(), "--timeout", "30"]),
+    );
+    subscriber.until(|l| l["ready"] == true, |_| {});
+    let publisher = start(
+        "publisher",
+        dir.path(),
+        &server,
+        &[
+            "publish",
+            "-n",
+            "dynamo",
+            "-c",
+            "comp",
+            "-t",
+            "topic-x",
+            "--publisher-id",
+            "77",
+            "--value",
+            value,
+            "--count",
+            &count.to_string(),
+            "--rate",
+            "1000",
+            "--wait-subscribers",
+            "1",
+            "--hold",
+        ],
+    );
+    let ready = publisher.until_type("ready");
+    let result = subscriber.until(|l| l.get("messages").is_some(), |_| {});
+    assert!(subscriber.wait().success());
+    assert_eq!(result["subject"], ready["subject"]);
+    assert_eq!(result["gaps"], 0, "{result}");
+    let messages = result["messages"].as_array().unwrap();
+    assert_eq!(messages.len() as u64, count);
+    let expected: serde_json::Value = serde_json::from_str(value).unwrap();
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(m["seq"], i as u64 + 1, "{m}");
+        assert_eq!(m["publisher_id"], 77, "{m}");
+        assert_eq!(m["incarnation"], ready["incarnation"], "{m}");
+        assert_eq!(m["value"], expected, "{m}");
+    }
+    // The welcome heartbeat answered the hello.
+    assert!(result["heartbeats"].as_u64() >= Some(1), "{result}");
+}
