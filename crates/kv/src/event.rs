@@ -92,6 +92,64 @@ pub struct KvEventBatch {
     pub events: Vec<KvEvent>,
 }
 
+impl KvEventBatch {
+    /// Splits the batch in two halves that, applied in order, mean exactly
+    /// what it meant: by events, or, for a single `Stored` event, by blocks
+    /// (the second part's parent is the first part's last block, its
+    /// position advanced). `None` when it cannot be split further (one event
+    /// of at most one block). Publishers use it to fit a transport's message
+    /// size limit.
+    pub fn split(self) -> Option<(KvEventBatch, KvEventBatch)> {
+        let KvEventBatch {
+            version,
+            worker_id,
+            dp_rank,
+            mut events,
+        } = self;
+        let half = |events| KvEventBatch {
+            version,
+            worker_id,
+            dp_rank,
+            events,
+        };
+        if events.len() >= 2 {
+            let tail = events.split_off(events.len() / 2);
+            return Some((half(events), half(tail)));
+        }
+        match events.pop()? {
+            KvEvent::Stored {
+                parent,
+                position,
+                mut blocks,
+            } if blocks.len() >= 2 => {
+                let tail = blocks.split_off(blocks.len() / 2);
+                let first_len = blocks.len() as u32;
+                let tail_parent = blocks.last().map(|b| b.seq);
+                Some((
+                    half(vec![KvEvent::Stored {
+                        parent,
+                        position,
+                        blocks,
+                    }]),
+                    half(vec![KvEvent::Stored {
+                        parent: tail_parent,
+                        position: position.map(|p| p + first_len),
+                        blocks: tail,
+                    }]),
+                ))
+            }
+            KvEvent::Removed { mut blocks } if blocks.len() >= 2 => {
+                let tail = blocks.split_off(blocks.len() / 2);
+                Some((
+                    half(vec![KvEvent::Removed { blocks }]),
+                    half(vec![KvEvent::Removed { blocks: tail }]),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How loaded one rank is, published on [`LOAD_METRICS_TOPIC`] when it
 /// changes (debounced) and periodically, so that silence is never read as
 /// idleness.
@@ -189,6 +247,50 @@ pub fn check_version(found: u16) -> Result<(), UnsupportedVersion> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn split_halves_mean_what_the_batch_meant() {
+        use crate::hash::block_hashes;
+        let tokens: Vec<u32> = (0..16 * 5).collect();
+        let blocks = block_hashes(&tokens, 16, None);
+        let batch = KvEventBatch {
+            version: EVENT_VERSION,
+            worker_id: 3,
+            dp_rank: 1,
+            events: vec![KvEvent::Stored {
+                parent: None,
+                position: Some(0),
+                blocks: blocks.clone(),
+            }],
+        };
+        let (a, b) = batch.split().unwrap();
+        assert_eq!((a.worker_id, b.dp_rank), (3, 1));
+        let KvEvent::Stored { blocks: first, .. } = &a.events[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            b.events[0],
+            KvEvent::Stored {
+                parent: Some(first.last().unwrap().seq),
+                position: Some(first.len() as u32),
+                blocks: blocks[first.len()..].to_vec(),
+            }
+        );
+        // Events split by count; a single block or a Cleared cannot be split.
+        let two = KvEventBatch {
+            events: vec![
+                KvEvent::Cleared,
+                KvEvent::Removed {
+                    blocks: vec![blocks[0].seq],
+                },
+            ],
+            ..a.clone()
+        };
+        let (x, y) = two.split().unwrap();
+        assert_eq!((x.events.len(), y.events.len()), (1, 1));
+        assert!(x.split().is_none());
+        assert!(y.split().is_none());
+    }
     use super::*;
     use crate::hash::LocalHash;
 

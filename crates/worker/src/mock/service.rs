@@ -466,7 +466,7 @@ impl Service {
             dp_rank: self.settings.dp_rank,
             events,
         };
-        let result = p.kv_events.publish(&batch);
+        let result = crate::kv_publish::publish_kv_batch(&p.kv_events, batch);
         self.count_publish(result, "KV events", &self.stats.kv_batches);
     }
 

@@ -321,7 +321,7 @@ impl RankWorker {
             dp_rank: self.rank,
             events,
         };
-        if let Err(e) = self.publisher.publish(&batch) {
+        if let Err(e) = crate::kv_publish::publish_kv_batch(&self.publisher, batch) {
             tracing::warn!(rank = self.rank, error = %e, "publishing relayed KV events failed");
         }
     }
