@@ -207,3 +207,70 @@ fn nats_py_subscriber_written_from_the_spec_receives_everything() {
     // The welcome heartbeat answered the hello.
     assert!(result["heartbeats"].as_u64() >= Some(1), "{result}");
 }
+
+/// The value of an un-labelled metric in an OpenMetrics text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_survives_a_nats_outage_and_shows_it_in_metrics() {
+    let mut server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = start(
+        "worker",
+        dir.path(),
+        &server,
+        &[
+            "worker",
+            "--engine",
+            "mock",
+            "--worker-id",
+            "5",
+            "--http-port",
+            "0",
+        ],
+    );
+    let url = worker.until_type("ready")["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let scrape = || async {
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let text = scrape().await;
+    assert_eq!(
+        metric(&text, "eventplane_worker_transport_nats_connected"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "eventplane_worker_transport_nats_disconnects_total"),
+        Some(0.0)
+    );
+
+    server.stop();
+    server.restart();
+    // The worker reconnects by itself; poll its metrics until it says so.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let text = scrape().await;
+        let connected = metric(&text, "eventplane_worker_transport_nats_connected");
+        let disconnects = metric(&text, "eventplane_worker_transport_nats_disconnects_total");
+        if connected == Some(1.0) && disconnects >= Some(1.0) {
+            assert!(metric(&text, "eventplane_worker_transport_nats_connects_total") >= Some(2.0));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconnect seen:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -184,6 +184,10 @@ pub async fn start(plane: &EventPlane, s: FrontendSettings) -> anyhow::Result<Ru
     let stats = ApiStats::default();
     let mut registry = Registry::with_prefix("eventplane_frontend");
     stats.register(&mut registry);
+    eventplane_worker::mock::http::register_transport_metrics(
+        &mut registry,
+        plane.transport_probe(),
+    );
     let app = routes(ApiState {
         router: Arc::clone(&router),
         client: reqwest::Client::builder()

@@ -78,6 +78,28 @@ pub enum TransportStats {
     Mem,
 }
 
+/// Reads a transport's [`TransportStats`] on demand. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TransportProbe(ProbeKind);
+
+#[derive(Debug, Clone)]
+enum ProbeKind {
+    Zmq,
+    Nats(NatsTransport),
+    Mem,
+}
+
+impl TransportProbe {
+    /// The transport's state and totals now.
+    pub fn stats(&self) -> TransportStats {
+        match &self.0 {
+            ProbeKind::Zmq => TransportStats::Zmq,
+            ProbeKind::Nats(n) => TransportStats::Nats(n.stats()),
+            ProbeKind::Mem => TransportStats::Mem,
+        }
+    }
+}
+
 /// A running event plane. Cheap to share behind an `Arc`.
 pub struct EventPlane {
     transport: Transport,
@@ -173,11 +195,17 @@ impl EventPlane {
 
     /// The transport's connection state and totals.
     pub fn transport_stats(&self) -> TransportStats {
-        match &self.transport {
-            Transport::Zmq { .. } => TransportStats::Zmq,
-            Transport::Nats(n) => TransportStats::Nats(n.stats()),
-            Transport::Mem(_) => TransportStats::Mem,
-        }
+        self.transport_probe().stats()
+    }
+
+    /// A handle that reads [`transport_stats`](Self::transport_stats) later
+    /// (for a metrics endpoint), without keeping the plane borrowed.
+    pub fn transport_probe(&self) -> TransportProbe {
+        TransportProbe(match &self.transport {
+            Transport::Zmq { .. } => ProbeKind::Zmq,
+            Transport::Nats(n) => ProbeKind::Nats(n.clone()),
+            Transport::Mem(_) => ProbeKind::Mem,
+        })
     }
 
     /// An event plane entirely inside this process: the in-process transport

@@ -411,6 +411,55 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Res
         .into_response()
 }
 
+/// Exposes the event plane's transport state on every scrape:
+/// `transport_nats_connected` (0 or 1) and the NATS connection's totals
+/// (`transport_nats_{connects,disconnects,hold_dropped,client_queue_dropped,
+/// too_large,slow_consumer_events,server_errors}_total`), under the registry's
+/// prefix. Nothing for transports without a connection (ZMQ, in-process).
+pub fn register_transport_metrics(
+    registry: &mut prometheus_client::registry::Registry,
+    probe: eventplane::TransportProbe,
+) {
+    registry.register_collector(Box::new(TransportCollector(probe)));
+}
+
+#[derive(Debug)]
+struct TransportCollector(eventplane::TransportProbe);
+
+impl prometheus_client::collector::Collector for TransportCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let eventplane::TransportStats::Nats(n) = self.0.stats() else {
+            return Ok(());
+        };
+        let gauge = ConstGauge::new(i64::from(n.connected));
+        gauge.encode(encoder.encode_descriptor(
+            "transport_nats_connected",
+            "1 while connected to a NATS server",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            ("transport_nats_connects", "NATS connections established (the first and every reconnect)", n.connects),
+            ("transport_nats_disconnects", "NATS disconnections", n.disconnects),
+            ("transport_nats_hold_dropped", "envelopes dropped because a publisher's hold queue was full during an outage (reported as gaps)", n.hold_dropped),
+            ("transport_nats_client_queue_dropped", "envelopes dropped because the NATS client's queue was full (reported as gaps)", n.client_queue_dropped),
+            ("transport_nats_too_large", "envelopes refused as larger than the server's max_payload", n.too_large),
+            ("transport_nats_slow_consumer_events", "times a subscription fell behind and the client dropped for it", n.slow_consumer_events),
+            ("transport_nats_server_errors", "errors reported by the NATS server", n.server_errors),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -158,6 +158,10 @@ pub async fn start(plane: &EventPlane, s: MockWorkerSettings) -> anyhow::Result<
     engine
         .stats()
         .register(&mut registry, s.engine.block_size, s.engine.num_gpu_blocks);
+    super::http::register_transport_metrics(
+        registry.sub_registry_with_prefix("eventplane_worker"),
+        plane.transport_probe(),
+    );
     let app = router(ApiState {
         engine: engine.clone(),
         model: s.model.clone(),
