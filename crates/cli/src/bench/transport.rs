@@ -434,7 +434,23 @@ impl Rig {
         let done = Arc::new(AtomicBool::new(false));
         let sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>> = match mode {
             Mode::OneProcess => {
-                let publisher = plane.publisher(&channel, Identity::new(self.seq)).await?;
+                // Over NATS the publisher gets a connection of its own, as the
+                // raw baseline's does (and as a worker and a router would).
+                let publisher_plane = match t {
+                    BenchTransport::Nats => Some(
+                        EventPlane::connect(
+                            nats_config(&self.nats_url),
+                            Arc::new(MemDiscovery::new()),
+                        )
+                        .await?,
+                    ),
+                    _ => None,
+                };
+                let publisher = publisher_plane
+                    .as_ref()
+                    .unwrap_or(&plane)
+                    .publisher(&channel, Identity::new(self.seq))
+                    .await?;
                 // Connected once the welcome heartbeat arrives: no sleep.
                 loop {
                     match tokio::time::timeout(Duration::from_secs(10), sub.recv()).await {
@@ -445,6 +461,7 @@ impl Rig {
                 }
                 let done = done.clone();
                 std::thread::spawn(move || {
+                    let _connection = publisher_plane;
                     let r = send_plane(&publisher, spec);
                     done.store(true, Ordering::Release);
                     // Stay alive (and heartbeating) until the subscriber has
