@@ -209,3 +209,103 @@ fn num_routes(body: &str) -> Option<usize> {
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
+
+/// A certificate authority and a server certificate for `127.0.0.1` and
+/// `localhost`, made with the `openssl` command in `dir`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA's certificate (PEM): what clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Creates them (P-256 keys, valid for a day).
+    pub fn create(dir: &std::path::Path) -> Self {
+        let bin = require_binary("openssl", "openssl");
+        let f = |name: &str| dir.join(name);
+        let ext = f("san.ext");
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("write ext");
+        let run = |args: &[&str]| {
+            let out = Command::new(&bin)
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=eventplane test CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        Self {
+            ca: f("ca.pem"),
+            cert: f("server.pem"),
+            key: f("server.key"),
+        }
+    }
+
+    /// The `tls { ... }` block of a server configuration using them.
+    pub fn server_config(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+            self.cert.display().to_string(),
+            self.key.display().to_string()
+        )
+    }
+}
