@@ -29,6 +29,27 @@ struct Hold {
     /// it is back but subscribers have not all returned yet.
     active: bool,
     queue: VecDeque<Bytes>,
+    /// Envelopes handed to the client that the server has not yet been
+    /// seen to receive, with the confirmation epoch they were sent in (see
+    /// [`Confirmations`](crate::Confirmations)). After a reconnect they are
+    /// sent again, ahead of the hold: what died with the old connection
+    /// arrives after all, and subscribers drop the duplicates.
+    unconfirmed: VecDeque<(u64, Bytes)>,
+}
+
+impl Hold {
+    /// Records `frame`, sent in `epoch`, and forgets what is confirmed.
+    fn remember(&mut self, epoch: u64, frame: Bytes, confirmed: u64, capacity: usize) {
+        self.unconfirmed.push_back((epoch, frame));
+        while self
+            .unconfirmed
+            .front()
+            .is_some_and(|(e, _)| *e < confirmed)
+            || self.unconfirmed.len() > capacity
+        {
+            self.unconfirmed.pop_front();
+        }
+    }
 }
 
 struct Shared {
@@ -36,6 +57,7 @@ struct Shared {
     subject: Subject,
     hold: Mutex<Hold>,
     capacity: usize,
+    confirmations: Arc<crate::Confirmations>,
     max_payload_counters: Arc<NatsCounters>,
     /// Wakes the driver when the sink starts holding.
     held: Notify,
@@ -91,9 +113,13 @@ impl FrameSink for NatsSink {
         // The client's `publish` only waits when its queue is full; poll it
         // once, outside tokio's cooperative budget so a busy task does not
         // turn a free slot into a refusal.
-        match tokio::task::unconstrained(s.client.publish(s.subject.clone(), frame)).now_or_never()
-        {
-            Some(Ok(())) => Ok(()),
+        let epoch = s.confirmations.epoch();
+        let publish = s.client.publish(s.subject.clone(), frame.clone());
+        match tokio::task::unconstrained(publish).now_or_never() {
+            Some(Ok(())) => {
+                hold.remember(epoch, frame, s.confirmations.confirmed(), s.capacity);
+                Ok(())
+            }
             Some(Err(e)) => Err(SendError::Transport(e.to_string())),
             None => {
                 s.max_payload_counters
@@ -130,6 +156,7 @@ pub(crate) async fn publish_on(
         subject: Subject::from(channel.subject()),
         hold: Mutex::new(Hold::default()),
         capacity: transport.options().buffer_messages.max(1),
+        confirmations: transport.confirmations().clone(),
         max_payload_counters: transport.counters().clone(),
         held: Notify::new(),
     });
@@ -215,6 +242,7 @@ async fn drive(
                 let l = *link.borrow_and_update();
                 shared.hold.lock().unwrap_or_else(|p| p.into_inner()).active = true;
                 if l.connected {
+                    resend_unconfirmed(&shared);
                     returned.clear();
                     settling = Some(tokio::time::Instant::now() + settle);
                     // Subscribers that reconnected before us said hello to no
@@ -270,6 +298,23 @@ async fn roll_call(client: &Client, hello_subject: &str) {
         .await;
 }
 
+/// Puts what the old connection may have lost ahead of the hold queue.
+fn resend_unconfirmed(shared: &Shared) {
+    let mut hold = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
+    hold.active = true;
+    let again: Vec<Bytes> = hold.unconfirmed.drain(..).map(|(_, f)| f).collect();
+    if again.is_empty() {
+        return;
+    }
+    shared
+        .max_payload_counters
+        .resent
+        .fetch_add(again.len() as u64, Ordering::Relaxed);
+    for frame in again.into_iter().rev() {
+        hold.queue.push_front(frame);
+    }
+}
+
 /// Moves held envelopes to the client in order, then stops holding. New
 /// envelopes keep joining the queue until it is empty, so order is kept.
 async fn release(shared: &Shared) {
@@ -286,14 +331,25 @@ async fn release(shared: &Shared) {
         };
         for frame in batch {
             released += 1;
+            let epoch = shared.confirmations.epoch();
             if shared
                 .client
-                .publish(shared.subject.clone(), frame)
+                .publish(shared.subject.clone(), frame.clone())
                 .await
                 .is_err()
             {
                 return;
             }
+            shared
+                .hold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remember(
+                    epoch,
+                    frame,
+                    shared.confirmations.confirmed(),
+                    shared.capacity,
+                );
         }
     }
     if released > 0 {

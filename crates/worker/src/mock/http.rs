@@ -452,6 +452,7 @@ impl prometheus_client::collector::Collector for TransportCollector {
             ("transport_nats_too_large", "envelopes refused as larger than the server's max_payload", n.too_large),
             ("transport_nats_slow_consumer_events", "times a subscription fell behind and the client dropped for it", n.slow_consumer_events),
             ("transport_nats_server_errors", "errors reported by the NATS server", n.server_errors),
+            ("transport_nats_resent", "envelopes sent again after a reconnect (not confirmed by the old connection)", n.resent),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
