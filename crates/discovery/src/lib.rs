@@ -9,13 +9,23 @@
 //! - [`FileDiscovery`]: a directory shared by the processes of one machine,
 //!   the embedded default: one file per registration, kept fresh by its
 //!   owner, expired by anyone who sees it stale or its owner dead.
+//! - `EtcdDiscovery` (cargo feature `etcd`): an etcd cluster, for fleets
+//!   spanning machines: registrations under leases that its owner re-creates
+//!   by itself when etcd loses them, watches on etcd's watch API that resume
+//!   from their last revision. The feature is off by default because the
+//!   `etcd-client` crate compiles etcd's protobuf definitions with `protoc`
+//!   at build time, which a fresh machine does not have.
 //!
-//! Watches are state-based: a watcher task compares successive snapshots of
-//! the backend and emits the difference as [`WatchEvent`]s. A slow consumer
-//! therefore delays events but never loses one (changes coalesce into the
-//! next snapshot), and the watcher's memory is bounded by the number of live
-//! entries, not by the rate of change.
+//! Watches deliver a state: the watcher remembers what it has reported and
+//! emits only differences as [`WatchEvent`]s, a changed value as `Removed`
+//! then `Added`. Events go through a bounded channel that the watcher
+//! awaits, so a slow consumer delays events but never loses one, and a
+//! watcher's memory is bounded by the number of live entries, not by the rate
+//! of change. The mem and file backends diff successive snapshots; etcd
+//! applies its watch events and re-lists when it must.
 
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 mod mem;
 mod watch;
@@ -24,6 +34,8 @@ use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdDiscovery, EtcdOptions, EtcdStats};
 pub use file::FileDiscovery;
 pub use mem::MemDiscovery;
 pub use watch::Watch;
@@ -70,6 +82,14 @@ pub enum DiscoveryError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// etcd cannot be reached (at start-up), or failed a request.
+    #[error("cannot reach etcd at {endpoints} (set ETCD_ENDPOINTS): {reason}")]
+    Etcd {
+        /// The endpoints tried, comma-separated.
+        endpoints: String,
+        /// What failed, and etcd's or the connection's error.
+        reason: String,
     },
 }
 
