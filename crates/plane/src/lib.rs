@@ -85,7 +85,7 @@ pub struct TransportProbe(ProbeKind);
 #[derive(Debug, Clone)]
 enum ProbeKind {
     Zmq,
-    Nats(NatsTransport),
+    Nats(Box<NatsTransport>),
     Mem,
 }
 
@@ -203,7 +203,7 @@ impl EventPlane {
     pub fn transport_probe(&self) -> TransportProbe {
         TransportProbe(match &self.transport {
             Transport::Zmq { .. } => ProbeKind::Zmq,
-            Transport::Nats(n) => ProbeKind::Nats(n.clone()),
+            Transport::Nats(n) => ProbeKind::Nats(Box::new(n.clone())),
             Transport::Mem(_) => ProbeKind::Mem,
         })
     }

@@ -1,0 +1,158 @@
+//! The scale-out setup of the README on loopback: a real `nats-server` and a
+//! real `etcd`, two mock workers and a frontend as separate processes, with
+//! NATS carrying the events and etcd finding the workers. A request is
+//! routed by prefix; a worker killed with SIGKILL leaves within the lease
+//! TTL; after etcd restarts without its data, the surviving worker registers
+//! again by itself and the frontend routes to it.
+
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use common::Proc;
+use eventplane_testkit::etcd::EtcdServer;
+use eventplane_testkit::nats::NatsServer;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+const TTL_S: u64 = 2;
+
+fn start(
+    name: &str,
+    dir: &std::path::Path,
+    nats: &NatsServer,
+    etcd: &EtcdServer,
+    args: &[&str],
+) -> Proc {
+    let ttl = TTL_S.to_string();
+    let env = [
+        ("DYN_EVENT_PLANE", "nats"),
+        ("NATS_SERVER", &nats.url()),
+        ("DYN_DISCOVERY_BACKEND", "etcd"),
+        ("ETCD_ENDPOINTS", &etcd.client_url()),
+        ("ETCD_LEASE_TTL", &ttl),
+    ];
+    Proc::start_with_env(name, dir, args, &env)
+}
+
+async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u64) {
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": prompt, "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let worker = r
+        .headers()
+        .get("x-eventplane-worker")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (r.status().as_u16(), worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_a_frontend_over_nats_and_etcd() {
+    let nats = NatsServer::start();
+    let mut etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut workers: Vec<Proc> = (1..=2)
+        .map(|id| {
+            let id = id.to_string();
+            let w = start(
+                "worker",
+                dir.path(),
+                &nats,
+                &etcd,
+                &[
+                    "worker",
+                    "--engine",
+                    "mock",
+                    "--worker-id",
+                    &id,
+                    "--http-port",
+                    "0",
+                    "--block-size",
+                    "4",
+                    "--speedup",
+                    "100",
+                ],
+            );
+            w.until_type("ready");
+            w
+        })
+        .collect();
+    let frontend = start(
+        "frontend",
+        dir.path(),
+        &nats,
+        &etcd,
+        &["frontend", "--http-port", "0"],
+    );
+    let url = frontend.until_type("ready")["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut joined = HashSet::new();
+    while joined.len() < 2 {
+        joined.insert(
+            frontend.until_type("worker_joined")["worker_id"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+
+    let client = reqwest::Client::new();
+    let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
+    let (status, first) = complete(&client, &url, &format!("{prefix}first")).await;
+    assert_eq!(status, 200);
+    assert!(joined.contains(&first));
+
+    // SIGKILL of the other worker: its registration expires with its lease.
+    let other = if first == 1 { 2 } else { 1 };
+    let mut victim = workers.remove((other - 1) as usize);
+    let killed_at = Instant::now();
+    victim.signal(libc::SIGKILL);
+    victim.wait();
+    let left = frontend.until_type("worker_left");
+    assert_eq!(left["worker_id"], other);
+    let took = killed_at.elapsed();
+    assert!(
+        took <= Duration::from_secs(TTL_S + 2),
+        "left after {took:?}"
+    );
+
+    // etcd loses everything: the surviving worker registers again by itself.
+    etcd.restart_wiped();
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let v: Value = client
+            .get(format!("{url}/router/workers"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<u64> = v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["worker_id"].as_u64())
+            .collect();
+        if ids == vec![first] {
+            let (status, worker) = complete(&client, &url, &format!("{prefix}after")).await;
+            if status == 200 {
+                assert_eq!(worker, first);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not come back: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(victim);
+}
