@@ -543,9 +543,15 @@ fn on_event(
     match event {
         E::Connected => {
             let first = counters.connects.fetch_add(1, Ordering::Relaxed) == 0;
-            link.send_modify(|l| {
+            // The first connection is not a reconnection: `connect` may
+            // already have marked it, and nobody must mistake it for one.
+            link.send_if_modified(|l| {
+                if first && l.connected {
+                    return false;
+                }
                 l.generation += 1;
                 l.connected = true;
+                true
             });
             if !first && log_once("connected".into()) {
                 tracing::info!(servers, "reconnected to NATS");

@@ -52,9 +52,6 @@ const QUIET: Duration = Duration::from_millis(500);
 /// and filtered by the subscriber the same way, so both pay for matching.
 const RAW_TOPIC: &[u8] = b"ep.bench.transport.t1\0";
 
-/// Latency rounds per transport; each percentile reported is their median.
-const LATENCY_ROUNDS: usize = 3;
-
 /// What one trial asks for.
 #[derive(Debug, Clone, Copy)]
 struct Spec {
@@ -182,7 +179,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             // Latency: rounds alternate between the transports.
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
             let mut lost = vec![0u64; rigs.len()];
-            for _ in 0..LATENCY_ROUNDS {
+            for _ in 0..a.latency_rounds {
                 for (k, rig) in rigs.iter_mut().enumerate() {
                     let spec = Spec {
                         size,
@@ -729,7 +726,6 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
         }
         BenchTransport::Zmq | BenchTransport::Nats => {
             let plane = if a.transport == BenchTransport::Nats {
-                // The parent subscribed before starting us: no wait needed.
                 EventPlane::connect(nats_config(&a.target), Arc::new(MemDiscovery::new())).await?
             } else {
                 let d: Arc<dyn Discovery> = Arc::new(FileDiscovery::new(&a.target)?);
@@ -743,11 +739,7 @@ pub async fn peer(a: BenchPeerArgs) -> anyhow::Result<()> {
             };
             let channel = Scope::new("bench", "transport")?.channel(&a.topic)?;
             let publisher = plane.publisher(&channel, Identity::new(1)).await?;
-            if a.transport == BenchTransport::Zmq
-                && !tokio::time::timeout(
-                    Duration::from_secs(10),
-                    publisher.wait_for_subscriptions(1),
-                )
+            if !tokio::time::timeout(Duration::from_secs(10), publisher.wait_for_subscriptions(1))
                 .await
                 .unwrap_or(false)
             {
