@@ -57,6 +57,7 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
     let nats = NatsServer::start();
     let mut etcd = EtcdServer::start();
     let dir = tempfile::tempdir().unwrap();
+    let mut worker_urls = Vec::new();
     let mut workers: Vec<Proc> = (1..=2)
         .map(|id| {
             let id = id.to_string();
@@ -79,7 +80,7 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
                     "100",
                 ],
             );
-            w.until_type("ready");
+            worker_urls.push(w.until_type("ready")["url"].as_str().unwrap().to_owned());
             w
         })
         .collect();
@@ -154,5 +155,28 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The worker's metrics tell what happened.
+    let text = client
+        .get(format!("{}/metrics", worker_urls[(first - 1) as usize]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert!(
+        value("eventplane_worker_discovery_etcd_reregistrations_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("eventplane_worker_discovery_etcd_registrations") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(value("eventplane_worker_transport_nats_connected"), 1.0);
     drop(victim);
 }

@@ -464,6 +464,56 @@ impl Discovery for EtcdDiscovery {
         "etcd"
     }
 
+    fn metrics(&self) -> Vec<crate::DiscoveryMetric> {
+        let s = self.stats();
+        let m = |name, help, value, gauge| crate::DiscoveryMetric {
+            name,
+            help,
+            value,
+            gauge,
+        };
+        vec![
+            m(
+                "registrations",
+                "registrations alive now",
+                s.registrations,
+                true,
+            ),
+            m("watches", "watches alive now", s.watches, true),
+            m("reconnects", "etcd outages that ended", s.reconnects, false),
+            m(
+                "leases_lost",
+                "leases found gone while their registration was alive",
+                s.leases_lost,
+                false,
+            ),
+            m(
+                "reregistrations",
+                "registrations put back under a new lease",
+                s.reregistrations,
+                false,
+            ),
+            m(
+                "watch_resumes",
+                "interrupted watches resumed from their last revision",
+                s.watch_resumes,
+                false,
+            ),
+            m(
+                "watch_relists",
+                "interrupted watches that listed their prefix anew",
+                s.watch_relists,
+                false,
+            ),
+            m(
+                "errors",
+                "etcd operations that failed after their retries",
+                s.errors,
+                false,
+            ),
+        ]
+    }
+
     async fn register(
         &self,
         key: &str,

@@ -115,11 +115,30 @@ pub(crate) fn check_key(key: &str) -> Result<(), DiscoveryError> {
     })
 }
 
+/// One of a backend's health figures, for a metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryMetric {
+    /// Its name, without the backend's prefix (`leases_lost`).
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+    /// Its value now.
+    pub value: u64,
+    /// A level (it goes up and down), not a running total.
+    pub gauge: bool,
+}
+
 /// A discovery backend. See the crate docs.
 #[async_trait]
 pub trait Discovery: Send + Sync + fmt::Debug + 'static {
     /// The backend's name (`mem`, `file`, ...).
     fn name(&self) -> &'static str;
+
+    /// Health figures (outages survived, leases lost, ...) for metrics;
+    /// none by default.
+    fn metrics(&self) -> Vec<DiscoveryMetric> {
+        Vec::new()
+    }
 
     /// Registers `value` under `key` with a lease of `ttl`, kept alive until the
     /// returned [`Registration`] is dropped or withdrawn. If the owner dies

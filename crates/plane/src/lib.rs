@@ -78,9 +78,10 @@ pub enum TransportStats {
     Mem,
 }
 
-/// Reads a transport's [`TransportStats`] on demand. Cheap to clone.
+/// Reads a transport's [`TransportStats`] and the discovery backend's
+/// metrics on demand. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct TransportProbe(ProbeKind);
+pub struct TransportProbe(ProbeKind, Arc<dyn Discovery>);
 
 #[derive(Debug, Clone)]
 enum ProbeKind {
@@ -90,6 +91,11 @@ enum ProbeKind {
 }
 
 impl TransportProbe {
+    /// The discovery backend's name and health figures now.
+    pub fn discovery_metrics(&self) -> (&'static str, Vec<eventplane_discovery::DiscoveryMetric>) {
+        (self.1.name(), self.1.metrics())
+    }
+
     /// The transport's state and totals now.
     pub fn stats(&self) -> TransportStats {
         match &self.0 {
@@ -201,11 +207,12 @@ impl EventPlane {
     /// A handle that reads [`transport_stats`](Self::transport_stats) later
     /// (for a metrics endpoint), without keeping the plane borrowed.
     pub fn transport_probe(&self) -> TransportProbe {
-        TransportProbe(match &self.transport {
+        let kind = match &self.transport {
             Transport::Zmq { .. } => ProbeKind::Zmq,
             Transport::Nats(n) => ProbeKind::Nats(Box::new(n.clone())),
             Transport::Mem(_) => ProbeKind::Mem,
-        })
+        };
+        TransportProbe(kind, self.discovery.clone())
     }
 
     /// An event plane entirely inside this process: the in-process transport

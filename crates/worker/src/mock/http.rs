@@ -414,8 +414,10 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Res
 /// Exposes the event plane's transport state on every scrape:
 /// `transport_nats_connected` (0 or 1) and the NATS connection's totals
 /// (`transport_nats_{connects,disconnects,hold_dropped,client_queue_dropped,
-/// too_large,slow_consumer_events,server_errors}_total`), under the registry's
-/// prefix. Nothing for transports without a connection (ZMQ, in-process).
+/// too_large,slow_consumer_events,server_errors,resent}_total`), and the
+/// discovery backend's health figures (`discovery_etcd_leases_lost_total`,
+/// ...), under the registry's prefix. Nothing for transports without a
+/// connection (ZMQ, in-process) or backends without figures.
 pub fn register_transport_metrics(
     registry: &mut prometheus_client::registry::Registry,
     probe: eventplane::TransportProbe,
@@ -434,6 +436,17 @@ impl prometheus_client::collector::Collector for TransportCollector {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::counter::ConstCounter;
         use prometheus_client::metrics::gauge::ConstGauge;
+        let (backend, figures) = self.0.discovery_metrics();
+        for f in figures {
+            let name = format!("discovery_{backend}_{}", f.name);
+            if f.gauge {
+                let g = ConstGauge::new(f.value as i64);
+                g.encode(encoder.encode_descriptor(&name, f.help, None, g.metric_type())?)?;
+            } else {
+                let c = ConstCounter::new(f.value);
+                c.encode(encoder.encode_descriptor(&name, f.help, None, c.metric_type())?)?;
+            }
+        }
         let eventplane::TransportStats::Nats(n) = self.0.stats() else {
             return Ok(());
         };
