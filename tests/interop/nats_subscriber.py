@@ -52,7 +52,7 @@ async def run(a):
 
     await nc.subscribe(subject, cb=on_message)
     await nc.subscribe(HELLO_PREFIX + subject, cb=on_roll)
-    await nc.flush()  # §11.2: subscribed at the server before the hello
+    await nc.flush()
     await nc.publish(HELLO_PREFIX + subject, hello)
     await nc.flush()
     print(json.dumps({"ready": True}), flush=True)

@@ -41,8 +41,9 @@
 //!   publisher that reconnects a millisecond before its subscribers would
 //!   flush its whole buffer to a server that has no one to give it to.
 //! - **Resending what the server did not confirm**: every
-//!   [`CONFIRM_INTERVAL`] (50 ms) the transport flushes (a PING/PONG round
-//!   trip); what was sent before a returned PONG has reached the server.
+//!   [`CONFIRM_INTERVAL`] (50 ms) the transport sends itself an echo through
+//!   the server; what was sent before an echo that came back has reached the
+//!   server (see [`Confirmations`]).
 //!   Publishers keep what is not yet confirmed, and after a reconnect send
 //!   it again ahead of the hold, so envelopes that died in the old
 //!   connection's buffers arrive after all; subscribers drop the duplicates
@@ -261,15 +262,18 @@ pub(crate) struct Link {
     pub connected: bool,
 }
 
-/// How often the transport confirms with the server (a PING/PONG round trip)
+/// How often the transport confirms with the server (an echo round trip)
 /// what its publishers have sent.
 pub const CONFIRM_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the server has been seen to receive. A confirmer task increments
-/// the epoch, then flushes (PING/PONG): when the PONG comes back, the server
-/// has read everything sent before, so every envelope sent in an earlier
-/// epoch is confirmed. Publishers keep unconfirmed envelopes to send again
-/// after a reconnect.
+/// the epoch, then publishes the new epoch on an echo subject of its own
+/// (`_ep_confirm.<random>`) to which the same connection subscribes. The
+/// server handles a connection's messages in order, so when the echo comes
+/// back it has received everything sent before it: every envelope sent in
+/// an earlier epoch is confirmed. (The client's `flush` is no such proof: it
+/// only empties the client's buffer into the socket.) Publishers keep
+/// unconfirmed envelopes to send again after a reconnect.
 #[derive(Debug, Default)]
 pub struct Confirmations {
     epoch: AtomicU64,
@@ -413,15 +417,33 @@ impl NatsTransport {
         let server_max_payload = client.max_payload();
         tracing::info!(servers = %servers, max_payload = server_max_payload, "connected to NATS");
         let confirmations = Arc::new(Confirmations::default());
+        let echo_subject = format!("_ep_confirm.{:016x}", rand::random::<u64>());
+        let mut echoes =
+            client
+                .subscribe(echo_subject.clone())
+                .await
+                .map_err(|e| NatsError::Subscribe {
+                    subject: echo_subject.clone(),
+                    reason: e.to_string(),
+                })?;
         let confirmer = tokio::spawn({
             let client = client.clone();
             let c = confirmations.clone();
             async move {
+                let mut tick = tokio::time::interval(CONFIRM_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tokio::time::sleep(CONFIRM_INTERVAL).await;
-                    let epoch = c.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-                    if client.flush().await.is_ok() {
-                        c.confirmed.fetch_max(epoch, Ordering::AcqRel);
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let epoch = c.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                            let _ = client.publish(echo_subject.clone(), epoch.to_string().into()).await;
+                        }
+                        echo = futures::StreamExt::next(&mut echoes) => {
+                            let Some(echo) = echo else { return };
+                            if let Some(epoch) = std::str::from_utf8(&echo.payload).ok().and_then(|t| t.parse::<u64>().ok()) {
+                                c.confirmed.fetch_max(epoch, Ordering::AcqRel);
+                            }
+                        }
                     }
                 }
             }

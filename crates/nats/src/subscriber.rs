@@ -131,9 +131,10 @@ pub(crate) async fn subscribe_to(
             subject: subject.clone(),
             reason: e.to_string(),
         })?;
-    // A flush round-trips to the server, so the subscriptions (sent earlier
-    // on the same connection) are in place when this returns, and before
-    // publishers answer the hello.
+    // The server handles a connection's messages in order: the hello, sent
+    // after the subscriptions on the same connection, reaches publishers only
+    // once they are in place, so their welcome cannot miss us. (The flush
+    // only hands our subscriptions to the socket before this returns.)
     client.flush().await.map_err(|e| NatsError::Subscribe {
         subject: channel.subject().to_owned(),
         reason: e.to_string(),
