@@ -50,8 +50,10 @@
 //!   (and count them). Measured: a `nats-server` stopped and restarted in
 //!   the middle of a 100,000-message stream at 25,000 msg/s lost nothing.
 //! - **When the client's own queue is full** (a publisher outrunning the
-//!   server), the envelope is dropped and counted, never waited for: the
-//!   `publish` call stays non-blocking and subscribers see the gap.
+//!   server), the envelope joins the publisher's hold, which the driver
+//!   feeds to the client as it drains: the `publish` call never waits, and
+//!   only when the hold is full too is an envelope dropped (counted, and
+//!   reported by subscribers as a gap).
 //!
 //! ## Message size
 //!
@@ -209,10 +211,9 @@ pub struct NatsCounters {
     pub connects: AtomicU64,
     /// Disconnections.
     pub disconnects: AtomicU64,
-    /// Envelopes dropped because a publisher's hold queue was full.
+    /// Envelopes dropped because a publisher's hold queue was full (during
+    /// an outage, or while the client's own queue was full too).
     pub hold_dropped: AtomicU64,
-    /// Envelopes dropped because the client's outgoing queue was full.
-    pub client_queue_dropped: AtomicU64,
     /// Envelopes refused as larger than the server's `max_payload`.
     pub too_large: AtomicU64,
     /// Times the server or client reported a slow-consumer subscription
@@ -238,8 +239,6 @@ pub struct NatsStats {
     pub disconnects: u64,
     /// See [`NatsCounters::hold_dropped`].
     pub hold_dropped: u64,
-    /// See [`NatsCounters::client_queue_dropped`].
-    pub client_queue_dropped: u64,
     /// See [`NatsCounters::too_large`].
     pub too_large: u64,
     /// See [`NatsCounters::slow_consumer_events`].
@@ -505,7 +504,6 @@ impl NatsTransport {
             connects: load(&c.connects),
             disconnects: load(&c.disconnects),
             hold_dropped: load(&c.hold_dropped),
-            client_queue_dropped: load(&c.client_queue_dropped),
             too_large: load(&c.too_large),
             slow_consumer_events: load(&c.slow_consumer_events),
             server_errors: load(&c.server_errors),

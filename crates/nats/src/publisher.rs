@@ -121,7 +121,10 @@ impl FrameSink for NatsSink {
         }
         // The client's `publish` only waits when its queue is full; poll it
         // once, outside tokio's cooperative budget so a busy task does not
-        // turn a free slot into a refusal.
+        // turn a free slot into a refusal. When it is full the envelope joins
+        // the hold instead (the driver feeds the hold to the client as it
+        // drains, awaiting room): a burst is absorbed by both queues before
+        // anything is dropped, and the caller never waits.
         let epoch = s.confirmations.epoch();
         let publish = s.client.publish(s.subject.clone(), frame.clone());
         match tokio::task::unconstrained(publish).now_or_never() {
@@ -131,9 +134,10 @@ impl FrameSink for NatsSink {
             }
             Some(Err(e)) => Err(SendError::Transport(e.to_string())),
             None => {
-                s.max_payload_counters
-                    .client_queue_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                // Not sent: the refused future dropped it.
+                hold.active = true;
+                hold.queue.push_back(frame);
+                s.held.notify_one();
                 Ok(())
             }
         }
@@ -264,8 +268,10 @@ async fn drive(
                 }
             }
             () = shared.held.notified() => {
-                // Holding began before the driver heard of a disconnection;
-                // it will hear of the reconnection through `link`.
+                // The client's queue was full (released below, if connected
+                // and not settling), or holding began before the driver
+                // heard of a disconnection (it will hear of the reconnection
+                // through `link`).
             }
             () = async {
                 match deadline {
@@ -364,7 +370,7 @@ async fn release(shared: &Shared) {
         }
     }
     if released > 0 {
-        tracing::info!(subject = %shared.subject, released, "released what was held during the NATS outage");
+        tracing::debug!(subject = %shared.subject, released, "released what was held");
     }
 }
 

@@ -413,7 +413,7 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> Res
 
 /// Exposes the event plane's transport state on every scrape:
 /// `transport_nats_connected` (0 or 1) and the NATS connection's totals
-/// (`transport_nats_{connects,disconnects,hold_dropped,client_queue_dropped,
+/// (`transport_nats_{connects,disconnects,hold_dropped,
 /// too_large,slow_consumer_events,server_errors,resent}_total`), and the
 /// discovery backend's health figures (`discovery_etcd_leases_lost_total`,
 /// ...), under the registry's prefix. Nothing for transports without a
@@ -460,8 +460,7 @@ impl prometheus_client::collector::Collector for TransportCollector {
         for (name, help, value) in [
             ("transport_nats_connects", "NATS connections established (the first and every reconnect)", n.connects),
             ("transport_nats_disconnects", "NATS disconnections", n.disconnects),
-            ("transport_nats_hold_dropped", "envelopes dropped because a publisher's hold queue was full during an outage (reported as gaps)", n.hold_dropped),
-            ("transport_nats_client_queue_dropped", "envelopes dropped because the NATS client's queue was full (reported as gaps)", n.client_queue_dropped),
+            ("transport_nats_hold_dropped", "envelopes dropped because a publisher's hold queue was full, during an outage or an overload (reported as gaps)", n.hold_dropped),
             ("transport_nats_too_large", "envelopes refused as larger than the server's max_payload", n.too_large),
             ("transport_nats_slow_consumer_events", "times a subscription fell behind and the client dropped for it", n.slow_consumer_events),
             ("transport_nats_server_errors", "errors reported by the NATS server", n.server_errors),
