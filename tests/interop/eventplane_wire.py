@@ -146,3 +146,39 @@ def json_safe(v):
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
     return v
+
+
+def accept(tracker, messages, envelope, subject):
+    """§2.3, §3.4 and §4 for one received envelope: decode it, track its
+    sequence number, and append a delivered data message (its payload
+    decoded as MessagePack) to `messages`. Raises Violation."""
+    kind, pub_id, inc, seq, ts, payload = decode_envelope(envelope, subject)
+    if not tracker.observe(kind, pub_id, inc, seq):
+        return
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise Violation(f"payload of {pub_id}#{seq} is not MessagePack: {e!r}")
+    messages.append({
+        "publisher_id": pub_id,
+        "incarnation": inc,
+        "seq": seq,
+        "timestamp_ns": ts,
+        "value": json_safe(value),
+    })
+
+
+def print_result(subject, messages, tracker, **extra):
+    """The result line every interop subscriber prints on stdout."""
+    print(json.dumps({
+        "subject": subject,
+        "messages": messages,
+        "heartbeats": tracker.heartbeats,
+        "gaps": tracker.gaps,
+        "lost": tracker.lost,
+        "late": tracker.late,
+        "duplicates": tracker.duplicates,
+        "restarts": tracker.restarts,
+        "stale": tracker.stale,
+        **extra,
+    }), flush=True)

@@ -21,11 +21,10 @@ import asyncio
 import json
 import random
 
-import msgpack
 import nats
 
 from eventplane_wire import (
-    Tracker, Violation, decode_envelope, fail, json_safe, subject_of,
+    Tracker, Violation, accept, fail, print_result, subject_of,
 )
 
 HELLO_PREFIX = "_ep_hello."
@@ -72,20 +71,7 @@ async def run(a):
             except asyncio.TimeoutError:
                 continue
             # §11.1: the NATS payload is the envelope, nothing before it.
-            kind, pub_id, inc, seq, ts, payload = decode_envelope(data, subject)
-            if not tracker.observe(kind, pub_id, inc, seq):
-                continue
-            try:
-                value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-            except Exception as e:
-                raise Violation(f"payload of {pub_id}#{seq} is not MessagePack: {e!r}")
-            messages.append({
-                "publisher_id": pub_id,
-                "incarnation": inc,
-                "seq": seq,
-                "timestamp_ns": ts,
-                "value": json_safe(value),
-            })
+            accept(tracker, messages, data, subject)
     except Violation as e:
         fail(1, f"wire-format violation on {subject}: {e}", "nats_subscriber")
     finally:
@@ -95,17 +81,7 @@ async def run(a):
         except Exception:
             pass
 
-    print(json.dumps({
-        "subject": subject,
-        "messages": messages,
-        "heartbeats": tracker.heartbeats,
-        "gaps": tracker.gaps,
-        "lost": tracker.lost,
-        "late": tracker.late,
-        "duplicates": tracker.duplicates,
-        "restarts": tracker.restarts,
-        "stale": tracker.stale,
-    }), flush=True)
+    print_result(subject, messages, tracker)
 
 
 def main():

@@ -19,11 +19,10 @@ import os
 import socket
 import time
 
-import msgpack
 import zmq
 
 from eventplane_wire import (
-    Tracker, Violation, decode_envelope, fail, is_u64, json_safe, subject_of,
+    Tracker, Violation, accept, fail, is_u64, print_result, subject_of,
 )
 
 RESCAN_S = 0.2
@@ -159,38 +158,14 @@ def main():
             frame = frames[0]
             if not frame.startswith(sub_prefix):
                 raise Violation(f"frame does not start with the subject and NUL: {frame[:64]!r}")
-            kind, pub_id, inc, seq, ts, payload = decode_envelope(frame[len(sub_prefix):], subject)
-            if not tracker.observe(kind, pub_id, inc, seq):
-                continue
-            try:
-                value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-            except Exception as e:
-                raise Violation(f"payload of {pub_id}#{seq} is not MessagePack: {e!r}")
-            messages.append({
-                "publisher_id": pub_id,
-                "incarnation": inc,
-                "seq": seq,
-                "timestamp_ns": ts,
-                "value": json_safe(value),
-            })
+            accept(tracker, messages, frame[len(sub_prefix):], subject)
     except Violation as e:
         fail(1, f"wire-format violation on {subject}: {e}")
     finally:
         sock.close(0)
         ctx.term()
 
-    print(json.dumps({
-        "subject": subject,
-        "messages": messages,
-        "heartbeats": tracker.heartbeats,
-        "gaps": tracker.gaps,
-        "lost": tracker.lost,
-        "late": tracker.late,
-        "duplicates": tracker.duplicates,
-        "restarts": tracker.restarts,
-        "stale": tracker.stale,
-        "endpoints": sorted(connected),
-    }), flush=True)
+    print_result(subject, messages, tracker, endpoints=sorted(connected))
 
 
 if __name__ == "__main__":

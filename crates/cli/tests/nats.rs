@@ -27,29 +27,9 @@ fn start(name: &str, dir: &std::path::Path, server: &NatsServer, args: &[&str]) 
 }
 
 fn publisher(dir: &std::path::Path, server: &NatsServer, id: u64, count: u64) -> Proc {
-    start(
-        &format!("publisher {id}"),
-        dir,
-        server,
-        &[
-            "publish",
-            "-c",
-            "workers",
-            "-t",
-            "load",
-            "--publisher-id",
-            &id.to_string(),
-            "--value",
-            r#"{"blocks_used":7}"#,
-            "--count",
-            &count.to_string(),
-            "--rate",
-            "10000",
-            "--wait-subscribers",
-            "1",
-            "--hold",
-        ],
-    )
+    let args = common::load_publisher_args(id, count, 10_000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start(&format!("publisher {id}"), dir, server, &args)
 }
 
 #[test]
@@ -208,12 +188,6 @@ fn nats_py_subscriber_written_from_the_spec_receives_everything() {
     assert!(result["heartbeats"].as_u64() >= Some(1), "{result}");
 }
 
-/// The value of an un-labelled metric in an OpenMetrics text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_survives_a_nats_outage_and_shows_it_in_metrics() {
     let mut server = NatsServer::start();
@@ -246,12 +220,12 @@ async fn a_worker_survives_a_nats_outage_and_shows_it_in_metrics() {
     };
     let text = scrape().await;
     assert_eq!(
-        metric(&text, "eventplane_worker_transport_nats_connected"),
+        common::metric(&text, "eventplane_worker_transport_nats_connected"),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        metric(&text, "eventplane_worker_transport_nats_disconnects_total"),
+        common::metric(&text, "eventplane_worker_transport_nats_disconnects_total"),
         Some(0.0)
     );
 
@@ -261,10 +235,14 @@ async fn a_worker_survives_a_nats_outage_and_shows_it_in_metrics() {
     let deadline = std::time::Instant::now() + common::WAIT;
     loop {
         let text = scrape().await;
-        let connected = metric(&text, "eventplane_worker_transport_nats_connected");
-        let disconnects = metric(&text, "eventplane_worker_transport_nats_disconnects_total");
+        let connected = common::metric(&text, "eventplane_worker_transport_nats_connected");
+        let disconnects =
+            common::metric(&text, "eventplane_worker_transport_nats_disconnects_total");
         if connected == Some(1.0) && disconnects >= Some(1.0) {
-            assert!(metric(&text, "eventplane_worker_transport_nats_connects_total") >= Some(2.0));
+            assert!(
+                common::metric(&text, "eventplane_worker_transport_nats_connects_total")
+                    >= Some(2.0)
+            );
             break;
         }
         assert!(

@@ -12,27 +12,12 @@ const N: u64 = 100_000;
 const TTL_MS: u64 = 2_000;
 
 fn publisher(dir: &std::path::Path, id: u64, count: u64, rate: u64) -> Proc {
+    let args = common::load_publisher_args(id, count, rate);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::start_with_env(
         &format!("publisher {id}"),
         dir,
-        &[
-            "publish",
-            "-c",
-            "workers",
-            "-t",
-            "load",
-            "--publisher-id",
-            &id.to_string(),
-            "--value",
-            r#"{"blocks_used":7}"#,
-            "--count",
-            &count.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--wait-subscribers",
-            "1",
-            "--hold",
-        ],
+        &args,
         &[("DYN_EVENT_PLANE_LEASE_TTL_MS", &TTL_MS.to_string())],
     )
 }

@@ -127,10 +127,7 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
     // etcd loses everything: the surviving worker registers again by itself
     // (its metrics say so), and the frontend routes to it.
     etcd.restart_wiped();
-    let metric = |text: &str, name: &str| -> Option<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    };
+    let metric = common::metric;
     let worker_metrics = format!("{}/metrics", worker_urls[(first - 1) as usize]);
     let deadline = Instant::now() + common::WAIT;
     loop {

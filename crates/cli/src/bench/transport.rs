@@ -584,6 +584,21 @@ fn peer_command(
     Ok(cmd)
 }
 
+/// A thread that reads a raw bench peer's report, reaps it, then sets
+/// `done`; it yields the peer's (sent, seconds).
+fn wait_for_peer(
+    mut child: std::process::Child,
+    lines: impl Iterator<Item = std::io::Result<String>> + Send + 'static,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<(u64, f64)>> {
+    std::thread::spawn(move || {
+        let r = read_peer(lines);
+        let _ = child.wait();
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
 /// Reads a bench peer's stdout until its `done` line: (sent, seconds).
 fn read_peer(lines: impl Iterator<Item = std::io::Result<String>>) -> anyhow::Result<(u64, f64)> {
     for line in lines {
@@ -632,13 +647,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             let first: serde_json::Value =
                 serde_json::from_str(&lines.next().context("peer printed nothing")??)?;
             sub.connect(first["endpoint"].as_str().context("no endpoint")?)?;
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let r = read_peer(lines);
-                let _ = child.wait();
-                done.store(true, Ordering::Release);
-                r
-            })
+            wait_for_peer(child, lines, done.clone())
         }
     };
     let mut received = 0u64;
@@ -819,13 +828,7 @@ async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> any
                 .stdout(Stdio::piped())
                 .spawn()?;
             let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let r = read_peer(lines);
-                let _ = child.wait();
-                done.store(true, Ordering::Release);
-                r
-            })
+            wait_for_peer(child, lines, done.clone())
         }
     };
     let mut received = 0u64;

@@ -225,3 +225,36 @@ pub async fn kv_events_joined(
     .unwrap_or_else(|_| panic!("joined {joined} of {publishers} KV publishers within {WAIT:?}"));
     (plane, sub)
 }
+
+/// The arguments of an `eventplane publish` that sends `count` load reports
+/// at `rate` per second on `dynamo/workers/load` as publisher `id`, once one
+/// subscriber has joined, and stays up afterwards.
+pub fn load_publisher_args(id: u64, count: u64, rate: u64) -> Vec<String> {
+    [
+        "publish",
+        "-c",
+        "workers",
+        "-t",
+        "load",
+        "--publisher-id",
+        &id.to_string(),
+        "--value",
+        r#"{"blocks_used":7}"#,
+        "--count",
+        &count.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--wait-subscribers",
+        "1",
+        "--hold",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The value of an un-labelled metric in an OpenMetrics text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
