@@ -15,12 +15,16 @@
 //! ## Hello and welcome
 //!
 //! A NATS publisher cannot see its subscribers, so they announce themselves:
-//! a subscriber publishes its id on `_ep_hello.<subject>` after its
-//! subscription is confirmed by the server (a flush), and again after every
-//! reconnect; each publisher of the subject answers with a heartbeat on the
-//! data subject. The subscriber thereby learns every live publisher and its
-//! last sequence number at once, as over ZMQ, without sleeping. Hello
-//! subjects start with `_ep_hello`, never `ep`, so no channel can alias one.
+//! a subscriber publishes its id on `_ep_hello.<subject>` after subscribing
+//! on the same connection (a server handles one connection's messages in
+//! order, so the subscription is in place before anyone sees the hello),
+//! again after every reconnect, and whenever a publisher calls the roll
+//! (publishers do when they start and after they reconnect). Each publisher
+//! of the subject answers a hello with a heartbeat on the data subject. The
+//! subscriber thereby learns every live publisher and its last sequence
+//! number at once, as over ZMQ, without sleeping; publishers learn how many
+//! subscribers they have. Hello subjects start with `_ep_hello`, never `ep`,
+//! so no channel can alias one.
 //!
 //! ## Disconnections: buffering and reconnection, chosen deliberately
 //!
@@ -484,7 +488,8 @@ impl NatsTransport {
         publisher::publish_on(self, channel, identity).await
     }
 
-    /// A subscriber on `channel`, subscribed at the server when this returns.
+    /// A subscriber on `channel`. Its subscription reaches the server before
+    /// its hello, so every publisher that welcomes it already delivers to it.
     pub async fn subscriber(&self, channel: &Channel) -> Result<RawSubscriber, NatsError> {
         subscriber::subscribe_to(self, channel).await
     }

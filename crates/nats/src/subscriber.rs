@@ -108,8 +108,8 @@ impl Drop for Guard {
     }
 }
 
-/// Subscribes to `channel`. The subscription is confirmed by the server
-/// before the hello that makes publishers welcome us is sent.
+/// Subscribes to `channel`, then says hello (after the subscription, on the
+/// same connection, so publishers that answer already deliver to us).
 pub(crate) async fn subscribe_to(
     transport: &NatsTransport,
     channel: &Channel,
