@@ -96,6 +96,55 @@ fn publishers_and_a_subscriber_in_separate_processes() {
 }
 
 #[test]
+fn a_server_restart_under_running_processes_loses_nothing() {
+    let mut server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tail = start(
+        "tail",
+        dir.path(),
+        &server,
+        &["tail", "-c", "workers", "-t", "load", "--no-values"],
+    );
+    let n = 100_000u64;
+    let args = common::load_publisher_args(1, n, 20_000);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = nats_env(&server);
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("DYN_EVENT_PLANE_NATS_BUFFER", "100000"));
+    let publisher = Proc::start_with_env("publisher", dir.path(), &args, &env);
+    publisher.until_type("ready");
+    let mut received = std::collections::BTreeSet::new();
+    let mut lost = 0u64;
+    let mut restarted = false;
+    // Until the last message is received or reported lost.
+    while !received.contains(&n) && lost == 0 {
+        let line = tail.next_line();
+        match line["type"].as_str() {
+            Some("message") => {
+                received.insert(line["seq"].as_u64().unwrap());
+            }
+            Some("notice") if line["notice"] == "gap" => {
+                lost += line["last"].as_u64().unwrap() - line["first"].as_u64().unwrap() + 1;
+            }
+            _ => {}
+        }
+        if !restarted && received.len() as u64 == n / 2 {
+            // Both processes keep running through the outage.
+            server.stop();
+            server.restart();
+            restarted = true;
+        }
+    }
+    assert!(restarted);
+    assert_eq!(lost, 0, "messages lost across the restart");
+    assert_eq!(received.len() as u64, n, "every message once");
+    publisher.until_type("published");
+    tail.signal(libc::SIGTERM);
+    let summary = tail.until_type("summary");
+    assert_eq!(summary["stats"]["sequence"]["lost"], 0, "{summary}");
+}
+
+#[test]
 fn an_unreachable_server_is_named_in_the_error() {
     let port = eventplane_testkit::free_port();
     let url = format!("nats://127.0.0.1:{port}");
