@@ -114,19 +114,14 @@ fn a_server_restart_under_running_processes_loses_nothing() {
     let publisher = Proc::start_with_env("publisher", dir.path(), &args, &env);
     publisher.until_type("ready");
     let mut received = std::collections::BTreeSet::new();
-    let mut lost = 0u64;
     let mut restarted = false;
-    // Until the last message is received or reported lost.
-    while !received.contains(&n) && lost == 0 {
+    // Until the last message is received. A gap may be reported and filled
+    // later (what the old connection had not confirmed is sent again), so
+    // the verdict is the tracker's final count, and every number received.
+    while !received.contains(&n) {
         let line = tail.next_line();
-        match line["type"].as_str() {
-            Some("message") => {
-                received.insert(line["seq"].as_u64().unwrap());
-            }
-            Some("notice") if line["notice"] == "gap" => {
-                lost += line["last"].as_u64().unwrap() - line["first"].as_u64().unwrap() + 1;
-            }
-            _ => {}
+        if line["type"] == "message" {
+            received.insert(line["seq"].as_u64().unwrap());
         }
         if !restarted && received.len() as u64 == n / 2 {
             // Both processes keep running through the outage.
@@ -136,8 +131,8 @@ fn a_server_restart_under_running_processes_loses_nothing() {
         }
     }
     assert!(restarted);
-    assert_eq!(lost, 0, "messages lost across the restart");
-    assert_eq!(received.len() as u64, n, "every message once");
+    let missing: Vec<u64> = (1..=n).filter(|s| !received.contains(s)).take(10).collect();
+    assert!(missing.is_empty(), "never received: {missing:?}...");
     publisher.until_type("published");
     tail.signal(libc::SIGTERM);
     let summary = tail.until_type("summary");
