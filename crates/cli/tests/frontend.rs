@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::Proc;
@@ -23,33 +22,6 @@ fn start_worker(dir: &std::path::Path, id: u64, extra: &[&str]) -> Proc {
     p
 }
 
-async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u64, u64) {
-    let r = client
-        .post(format!("{url}/v1/completions"))
-        .json(&json!({"prompt": prompt, "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        r.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let (worker, cached) = (
-        header("x-eventplane-worker"),
-        header("x-eventplane-cached-blocks"),
-    );
-    let status = r.status().as_u16();
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        status != 200 || body["usage"]["completion_tokens"] == 2,
-        "{body}"
-    );
-    (status, worker, cached)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_prefix_and_survives_a_killed_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,18 +29,7 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
         .map(|id| start_worker(dir.path(), id, &["--speedup", "100"]))
         .collect();
     let frontend = Proc::start("frontend", dir.path(), &["frontend", "--http-port", "0"]);
-    let url = frontend.until_type("ready")["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut joined = HashSet::new();
-    while joined.len() < 3 {
-        joined.insert(
-            frontend.until_type("worker_joined")["worker_id"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    let (url, _) = common::frontend_with_workers(&frontend, 3);
 
     // Our own view of the KV events, to know when the first request's
     // blocks are published (the frontend receives them at the same time).
@@ -76,7 +37,8 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
 
     let client = reqwest::Client::new();
     let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
-    let (status, first_worker, _) = complete(&client, &url, &format!("{prefix}first")).await;
+    let (status, first_worker, _) =
+        common::complete(&client, &url, &format!("{prefix}first")).await;
     assert_eq!(status, 200);
     let last_block: SeqHash = block_hashes(&tokenize::encode(&prefix), 4, None)
         .last()
@@ -95,7 +57,8 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
     .await
     .expect("the first request's blocks were published");
     for i in 0..5 {
-        let (status, worker, cached) = complete(&client, &url, &format!("{prefix}again {i}")).await;
+        let (status, worker, cached) =
+            common::complete(&client, &url, &format!("{prefix}again {i}")).await;
         assert_eq!(status, 200);
         assert_eq!(worker, first_worker, "request {i} went elsewhere");
         assert!(cached >= 16, "request {i}: only {cached} blocks cached");
@@ -108,7 +71,8 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
     let left = frontend.until_type("worker_left");
     assert_eq!(left["worker_id"], first_worker);
     for i in 0..6 {
-        let (status, worker, _) = complete(&client, &url, &format!("{prefix}after {i}")).await;
+        let (status, worker, _) =
+            common::complete(&client, &url, &format!("{prefix}after {i}")).await;
         assert_eq!(status, 200, "request {i} after the kill");
         assert_ne!(worker, first_worker);
     }

@@ -13,37 +13,50 @@ use std::process::Command;
 
 const N: u64 = 50_000;
 
-fn nats_env(server: &NatsServer) -> Vec<(&'static str, String)> {
-    vec![
-        ("DYN_EVENT_PLANE", "nats".into()),
-        ("NATS_SERVER", server.url()),
-    ]
-}
-
-fn start(name: &str, dir: &std::path::Path, server: &NatsServer, args: &[&str]) -> Proc {
-    let env = nats_env(server);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+/// `eventplane ARGS` over NATS at `server`, with `extra` environment.
+fn start_with(
+    name: &str,
+    dir: &std::path::Path,
+    server: &NatsServer,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> Proc {
+    let url = server.url();
+    let mut env = vec![("DYN_EVENT_PLANE", "nats"), ("NATS_SERVER", url.as_str())];
+    env.extend_from_slice(extra);
     Proc::start_with_env(name, dir, args, &env)
 }
 
-fn publisher(dir: &std::path::Path, server: &NatsServer, id: u64, count: u64) -> Proc {
-    let args = common::load_publisher_args(id, count, 10_000);
+fn start(name: &str, dir: &std::path::Path, server: &NatsServer, args: &[&str]) -> Proc {
+    start_with(name, dir, server, args, &[])
+}
+
+/// `tail` of the load channel the publishers below publish on.
+fn load_tail(dir: &std::path::Path, server: &NatsServer) -> Proc {
+    let args = ["tail", "-c", "workers", "-t", "load", "--no-values"];
+    start("tail", dir, server, &args)
+}
+
+fn publisher(
+    dir: &std::path::Path,
+    server: &NatsServer,
+    id: u64,
+    count: u64,
+    rate: u64,
+    extra: &[(&str, &str)],
+) -> Proc {
+    let args = common::load_publisher_args(id, count, rate);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    start(&format!("publisher {id}"), dir, server, &args)
+    start_with(&format!("publisher {id}"), dir, server, &args, extra)
 }
 
 #[test]
 fn publishers_and_a_subscriber_in_separate_processes() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let tail = start(
-        "tail",
-        dir.path(),
-        &server,
-        &["tail", "-c", "workers", "-t", "load", "--no-values"],
-    );
+    let tail = load_tail(dir.path(), &server);
     let mut pubs: BTreeMap<u64, Proc> = (1..=2)
-        .map(|id| (id, publisher(dir.path(), &server, id, N)))
+        .map(|id| (id, publisher(dir.path(), &server, id, N, 10_000, &[])))
         .collect();
     let mut incarnations = BTreeMap::new();
     for (id, p) in &pubs {
@@ -77,7 +90,7 @@ fn publishers_and_a_subscriber_in_separate_processes() {
     let mut old = pubs.remove(&2).unwrap();
     old.signal(libc::SIGTERM);
     old.wait();
-    let restarted = publisher(dir.path(), &server, 2, 10);
+    let restarted = publisher(dir.path(), &server, 2, 10, 10_000, &[]);
     let new_inc = restarted.until_type("ready")["incarnation"]
         .as_u64()
         .unwrap();
@@ -99,19 +112,10 @@ fn publishers_and_a_subscriber_in_separate_processes() {
 fn a_server_restart_under_running_processes_loses_nothing() {
     let mut server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let tail = start(
-        "tail",
-        dir.path(),
-        &server,
-        &["tail", "-c", "workers", "-t", "load", "--no-values"],
-    );
+    let tail = load_tail(dir.path(), &server);
     let n = 100_000u64;
-    let args = common::load_publisher_args(1, n, 20_000);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = nats_env(&server);
-    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("DYN_EVENT_PLANE_NATS_BUFFER", "100000"));
-    let publisher = Proc::start_with_env("publisher", dir.path(), &args, &env);
+    let buffer = [("DYN_EVENT_PLANE_NATS_BUFFER", "100000")];
+    let publisher = publisher(dir.path(), &server, 1, n, 20_000, &buffer);
     publisher.until_type("ready");
     let mut received = std::collections::BTreeSet::new();
     let mut restarted = false;

@@ -12,8 +12,7 @@ mod common;
 use common::Proc;
 use eventplane_testkit::etcd::EtcdServer;
 use eventplane_testkit::nats::NatsServer;
-use serde_json::{json, Value};
-use std::collections::HashSet;
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const TTL_S: u64 = 2;
@@ -34,22 +33,6 @@ fn start(
         ("ETCD_LEASE_TTL", &ttl),
     ];
     Proc::start_with_env(name, dir, args, &env)
-}
-
-async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u64) {
-    let r = client
-        .post(format!("{url}/v1/completions"))
-        .json(&json!({"prompt": prompt, "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
-    let worker = r
-        .headers()
-        .get("x-eventplane-worker")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    (r.status().as_u16(), worker)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,22 +74,11 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
         &etcd,
         &["frontend", "--http-port", "0"],
     );
-    let url = frontend.until_type("ready")["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut joined = HashSet::new();
-    while joined.len() < 2 {
-        joined.insert(
-            frontend.until_type("worker_joined")["worker_id"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    let (url, joined) = common::frontend_with_workers(&frontend, 2);
 
     let client = reqwest::Client::new();
     let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
-    let (status, first) = complete(&client, &url, &format!("{prefix}first")).await;
+    let (status, first, _) = common::complete(&client, &url, &format!("{prefix}first")).await;
     assert_eq!(status, 200);
     assert!(joined.contains(&first));
 
@@ -176,7 +148,8 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
             .filter_map(|w| w["worker_id"].as_u64())
             .collect();
         if ids == vec![first] {
-            let (status, worker) = complete(&client, &url, &format!("{prefix}after")).await;
+            let (status, worker, _) =
+                common::complete(&client, &url, &format!("{prefix}after")).await;
             if status == 200 {
                 assert_eq!(worker, first);
                 break;

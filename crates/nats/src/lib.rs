@@ -251,18 +251,10 @@ pub struct NatsStats {
     pub server_errors: u64,
     /// See [`NatsCounters::resent`].
     pub resent: u64,
-    /// Messages and bytes in and out, from the client.
+    /// Messages received by the client.
     pub in_messages: u64,
     /// Messages sent.
     pub out_messages: u64,
-}
-
-/// The connection's state as the transport's tasks see it: a generation
-/// bumped at every (re)connect, and whether it is connected now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Link {
-    pub generation: u64,
-    pub connected: bool,
 }
 
 /// How often the transport confirms with the server (an echo round trip)
@@ -312,7 +304,9 @@ pub struct NatsTransport {
     client: async_nats::Client,
     opts: Arc<NatsOptions>,
     counters: Arc<NatsCounters>,
-    link: watch::Receiver<Link>,
+    /// Connected now; every (re)connection and disconnection notifies, so a
+    /// change seen while connected is a reconnection.
+    link: watch::Receiver<bool>,
     server_max_payload: usize,
     confirmations: Arc<Confirmations>,
     _confirmer: Arc<TaskGuard>,
@@ -326,7 +320,7 @@ impl NatsTransport {
     pub async fn connect(opts: NatsOptions) -> Result<Self, NatsError> {
         let servers = opts.servers.join(",");
         let counters = Arc::new(NatsCounters::default());
-        let (link_tx, link) = watch::channel(Link::default());
+        let (link_tx, link) = watch::channel(false);
         let link_tx = Arc::new(link_tx);
         let last_log = Arc::new(Mutex::new(String::new()));
         let mut co = ConnectOptions::new()
@@ -407,16 +401,7 @@ impl NatsTransport {
         };
         // The event for the first connection may still be in flight: the
         // client is connected now, whatever the callback has seen.
-        link_tx.send_if_modified(|l| {
-            let changed = !l.connected;
-            if changed {
-                *l = Link {
-                    generation: l.generation.max(1),
-                    connected: true,
-                };
-            }
-            changed
-        });
+        link_tx.send_if_modified(|connected| !std::mem::replace(connected, true));
         let server_max_payload = client.max_payload();
         tracing::info!(servers = %servers, max_payload = server_max_payload, "connected to NATS");
         let confirmations = Arc::new(Confirmations::default());
@@ -526,7 +511,7 @@ impl NatsTransport {
         &self.confirmations
     }
 
-    pub(crate) fn link(&self) -> watch::Receiver<Link> {
+    pub(crate) fn link(&self) -> watch::Receiver<bool> {
         self.link.clone()
     }
 }
@@ -551,7 +536,7 @@ pub fn reconnect_delay(attempts: usize, min: Duration, max: Duration, jitter: f6
 fn on_event(
     event: async_nats::Event,
     counters: &NatsCounters,
-    link: &watch::Sender<Link>,
+    link: &watch::Sender<bool>,
     servers: &str,
     last_log: &Mutex<String>,
 ) {
@@ -570,13 +555,9 @@ fn on_event(
             let first = counters.connects.fetch_add(1, Ordering::Relaxed) == 0;
             // The first connection is not a reconnection: `connect` may
             // already have marked it, and nobody must mistake it for one.
-            link.send_if_modified(|l| {
-                if first && l.connected {
-                    return false;
-                }
-                l.generation += 1;
-                l.connected = true;
-                true
+            link.send_if_modified(|connected| {
+                let already = std::mem::replace(connected, true);
+                !(first && already)
             });
             if !first && log_once("connected".into()) {
                 tracing::info!(servers, "reconnected to NATS");
@@ -584,7 +565,7 @@ fn on_event(
         }
         E::Disconnected => {
             counters.disconnects.fetch_add(1, Ordering::Relaxed);
-            link.send_modify(|l| l.connected = false);
+            link.send_modify(|connected| *connected = false);
             if log_once("disconnected".into()) {
                 tracing::warn!(servers, "disconnected from NATS; publishers hold their output and the client reconnects");
             }

@@ -67,7 +67,7 @@ struct Shared {
     hold: Mutex<Hold>,
     capacity: usize,
     confirmations: Arc<crate::Confirmations>,
-    max_payload_counters: Arc<NatsCounters>,
+    counters: Arc<NatsCounters>,
     /// Wakes the driver when the sink starts holding.
     held: Notify,
 }
@@ -91,9 +91,7 @@ impl FrameSink for NatsSink {
         let len = head.len() + payload.len();
         let server_max = s.client.max_payload();
         if len > server_max {
-            s.max_payload_counters
-                .too_large
-                .fetch_add(1, Ordering::Relaxed);
+            s.counters.too_large.fetch_add(1, Ordering::Relaxed);
             return Err(SendError::Transport(format!(
                 "an envelope of {len} bytes exceeds the NATS server's max_payload of {server_max} bytes on {}",
                 s.subject
@@ -111,9 +109,7 @@ impl FrameSink for NatsSink {
         if hold.active {
             if hold.queue.len() >= s.capacity {
                 // It has a sequence number: subscribers will report the gap.
-                s.max_payload_counters
-                    .hold_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                s.counters.hold_dropped.fetch_add(1, Ordering::Relaxed);
             } else {
                 hold.queue.push_back(frame);
             }
@@ -170,7 +166,7 @@ pub(crate) async fn publish_on(
         hold: Mutex::new(Hold::default()),
         capacity: transport.options().buffer_messages.max(1),
         confirmations: transport.confirmations().clone(),
-        max_payload_counters: transport.counters().clone(),
+        counters: transport.counters().clone(),
         held: Notify::new(),
     });
     let (driver_tx, driver_rx) = tokio::sync::oneshot::channel::<WeakPublisher>();
@@ -254,9 +250,9 @@ async fn drive(
             }
             changed = link.changed() => {
                 if changed.is_err() { return; }
-                let l = *link.borrow_and_update();
+                let connected = *link.borrow_and_update();
                 shared.hold.lock().unwrap_or_else(|p| p.into_inner()).active = true;
-                if l.connected {
+                if connected {
                     resend_unconfirmed(&shared);
                     returned.clear();
                     settling = Some(tokio::time::Instant::now() + settle);
@@ -318,13 +314,12 @@ async fn roll_call(client: &Client, hello_subject: &str) {
 /// Puts what the old connection may have lost ahead of the hold queue.
 fn resend_unconfirmed(shared: &Shared) {
     let mut hold = shared.hold.lock().unwrap_or_else(|p| p.into_inner());
-    hold.active = true;
     let again: Vec<Bytes> = hold.unconfirmed.drain(..).map(|(_, f)| f).collect();
     if again.is_empty() {
         return;
     }
     shared
-        .max_payload_counters
+        .counters
         .resent
         .fetch_add(again.len() as u64, Ordering::Relaxed);
     for frame in again.into_iter().rev() {

@@ -156,7 +156,7 @@ pub(crate) async fn subscribe_to(
                         if changed.is_err() {
                             return;
                         }
-                        if link.borrow_and_update().connected {
+                        if *link.borrow_and_update() {
                             let _ = hello().await;
                         }
                     }

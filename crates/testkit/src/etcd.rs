@@ -111,9 +111,7 @@ impl EtcdServer {
 
     /// The last lines of the server's log (every incarnation's).
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        crate::log_tail(&self.log_path())
     }
 
     fn spawn(&mut self) {
@@ -170,18 +168,11 @@ impl EtcdServer {
     fn wait_ready(&self) {
         let pid = self.child.as_ref().and_then(ChildGuard::pid);
         let port = self.client_port;
-        let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_until(&format!("etcd {} on port {port}", self.name), || {
-                if let Some(pid) = pid {
-                    assert!(process_alive(pid), "etcd {} exited", self.name);
-                }
-                healthy(port)
-            })
-        }));
-        if let Err(panic) = ready {
-            eprintln!("--- etcd {} log (tail) ---\n{}", self.name, self.log_tail());
-            std::panic::resume_unwind(panic);
-        }
+        let what = format!("etcd {} on port {port}", self.name);
+        wait_until(&what, &self.log_path(), || match pid {
+            Some(pid) if !process_alive(pid) => Err("it exited".into()),
+            _ => Ok(healthy(port)),
+        });
     }
 
     /// Stops the server gracefully (SIGTERM) and waits for it to exit.

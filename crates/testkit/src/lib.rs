@@ -13,7 +13,7 @@ pub mod etcd;
 pub mod nats;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -30,16 +30,22 @@ pub fn free_port() -> u16 {
         .expect("bind a loopback port")
 }
 
+/// The path of a system binary: on `PATH`, else in `/usr/sbin` or
+/// `/usr/bin` (Debian puts `nats-server` in `/usr/sbin`, which a user's
+/// `PATH` may lack).
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// The path of a system binary, or a panic telling how to install it.
 pub fn require_binary(name: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/usr/bin".into()]) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("`{name}` is not installed; scripts/test.sh installs it (apt-get install {package})");
+    find_binary(name).unwrap_or_else(|| {
+        panic!("`{name}` is not installed; scripts/test.sh installs it (apt-get install {package})")
+    })
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
@@ -124,17 +130,34 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Polls `ready` every 20 ms until it returns true; panics after
-/// [`READY_TIMEOUT`] with `what` in the message.
-pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+/// Polls `ready` every 20 ms until it returns `Ok(true)`. Panics, with
+/// `what` and the last lines of the server's `log`, when `ready` returns an
+/// error (the server exited, say) or after [`READY_TIMEOUT`].
+pub fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> Result<bool, String>) {
     let deadline = Instant::now() + READY_TIMEOUT;
-    while !ready() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not ready within {READY_TIMEOUT:?}"
+    loop {
+        let failure = match ready() {
+            Ok(true) => return,
+            Ok(false) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Ok(false) => format!("not ready within {READY_TIMEOUT:?}"),
+            Err(e) => e,
+        };
+        panic!(
+            "{what}: {failure}; the last lines of its log ({}):\n{}",
+            log.display(),
+            log_tail(log)
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The last 40 lines of a log file (empty if it cannot be read).
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// True when something accepts TCP connections on loopback `port`.

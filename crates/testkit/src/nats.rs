@@ -96,21 +96,14 @@ impl NatsServer {
 
     fn wait_ready(&self, routes: usize) {
         let (port, monitor) = (self.port, self.monitor);
-        let log = self.log_path();
         let what = format!("nats-server {} on port {port}", self.name);
-        let check = || {
-            accepts(port)
+        wait_until(&what, &self.log_path(), || {
+            Ok(accepts(port)
                 && (routes == 0
                     || http_get(monitor, "/routez")
                         .and_then(|b| num_routes(&b))
-                        .is_some_and(|n| n >= routes))
-        };
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_until(&what, check)))
-            .is_err()
-        {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("{what} did not become ready; its log:\n{text}");
-        }
+                        .is_some_and(|n| n >= routes)))
+        });
     }
 
     /// `nats://127.0.0.1:PORT`.

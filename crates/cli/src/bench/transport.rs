@@ -139,7 +139,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
     let nats_url = match (&a.nats_server, needs_nats) {
         (Some(url), _) => Some(url.clone()),
         (None, true) => {
-            if !nats_server_installed() {
+            if eventplane_testkit::find_binary("nats-server").is_none() {
                 bail!("the NATS rows need `nats-server` (apt-get install nats-server, or scripts/test.sh), or --nats-server URL; to skip them: --transports mem,zmq");
             }
             let server = eventplane_testkit::nats::NatsServer::start();
@@ -650,42 +650,75 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             wait_for_peer(child, lines, done.clone())
         }
     };
-    let mut received = 0u64;
-    let mut latency_ns = hist();
-    let mut last_progress = Instant::now();
+    let mut receipts = RawReceipts::new();
     let mut msg = zmq::Message::new();
     loop {
-        if received >= spec.count && done.load(Ordering::Acquire) {
+        if receipts.received >= spec.count && done.load(Ordering::Acquire) {
             break;
         }
         match sub.recv(&mut msg, 0) {
-            Ok(()) => {
-                received += 1;
-                let t = RAW_TOPIC.len();
-                if msg.len() >= t + 16 {
-                    let ts = u64::from_le_bytes(msg[t + 8..t + 16].try_into().expect("8 bytes"));
-                    let _ = latency_ns.record(unix_nanos().saturating_sub(ts).max(1));
-                }
-                last_progress = Instant::now();
-            }
+            Ok(()) => receipts.record(&msg[RAW_TOPIC.len().min(msg.len())..]),
             Err(zmq::Error::EAGAIN) => {
-                if done.load(Ordering::Acquire) && last_progress.elapsed() > QUIET {
+                if receipts.quiet_after(&done) {
                     break;
                 }
             }
             Err(e) => return Err(e.into()),
         }
     }
-    let (sent, send_s) = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok(Trial {
-        sent,
-        send_s,
-        received,
-        reported_lost: None,
-        latency_ns,
-    })
+    receipts.finish(sender)
+}
+
+/// What a raw baseline's subscriber counted: messages, and the latency from
+/// the timestamp each payload carries after its counter.
+struct RawReceipts {
+    received: u64,
+    latency_ns: Histogram<u64>,
+    last_progress: Instant,
+}
+
+impl RawReceipts {
+    fn new() -> Self {
+        Self {
+            received: 0,
+            latency_ns: hist(),
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// One payload (counter, then timestamp, then padding).
+    fn record(&mut self, payload: &[u8]) {
+        self.received += 1;
+        if let Some(ts) = payload.get(8..16) {
+            let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
+            let _ = self
+                .latency_ns
+                .record(unix_nanos().saturating_sub(ts).max(1));
+        }
+        self.last_progress = Instant::now();
+    }
+
+    /// The sender is done and nothing has arrived for [`QUIET`]: the rest is lost.
+    fn quiet_after(&self, done: &AtomicBool) -> bool {
+        done.load(Ordering::Acquire) && self.last_progress.elapsed() > QUIET
+    }
+
+    /// The trial, once the sender's thread reports.
+    fn finish(
+        self,
+        sender: std::thread::JoinHandle<anyhow::Result<(u64, f64)>>,
+    ) -> anyhow::Result<Trial> {
+        let (sent, send_s) = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        Ok(Trial {
+            sent,
+            send_s,
+            received: self.received,
+            reported_lost: None,
+            latency_ns: self.latency_ns,
+        })
+    }
 }
 
 fn send_raw(publ: &zmq::Socket, spec: Spec) -> anyhow::Result<(u64, f64)> {
@@ -795,15 +828,6 @@ fn nats_config(url: &str) -> Config {
     c
 }
 
-fn nats_server_installed() -> bool {
-    Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Raw async-nats: one client subscribes (confirmed by a flush), another
 /// publishes from a thread of its own, paced like the others.
 async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> anyhow::Result<Trial> {
@@ -831,45 +855,27 @@ async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> any
             wait_for_peer(child, lines, done.clone())
         }
     };
-    let mut received = 0u64;
-    let mut latency_ns = hist();
-    let mut last_progress = Instant::now();
+    let mut receipts = RawReceipts::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        if received >= spec.count && done.load(Ordering::Acquire) {
+        if receipts.received >= spec.count && done.load(Ordering::Acquire) {
             break;
         }
         tokio::select! {
             biased;
             msg = futures::StreamExt::next(&mut sub) => match msg {
-                Some(m) => {
-                    received += 1;
-                    if m.payload.len() >= 16 {
-                        let ts = u64::from_le_bytes(m.payload[8..16].try_into().expect("8 bytes"));
-                        let _ = latency_ns.record(unix_nanos().saturating_sub(ts).max(1));
-                    }
-                    last_progress = Instant::now();
-                }
+                Some(m) => receipts.record(&m.payload),
                 None => break,
             },
             _ = tick.tick() => {
-                if done.load(Ordering::Acquire) && last_progress.elapsed() > QUIET {
+                if receipts.quiet_after(&done) {
                     break;
                 }
             }
         }
     }
-    let (sent, send_s) = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok(Trial {
-        sent,
-        send_s,
-        received,
-        reported_lost: None,
-        latency_ns,
-    })
+    receipts.finish(sender)
 }
 
 /// Publishes raw payloads (counter and timestamp first) with async-nats,

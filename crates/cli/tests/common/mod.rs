@@ -258,3 +258,54 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Sends a 2-token completion to a frontend at `url`: (HTTP status, the
+/// worker that served it, its cached prefix blocks), from the frontend's
+/// `x-eventplane-*` headers. A 200 must carry the 2 tokens asked for.
+pub async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16, u64, u64) {
+    let r = client
+        .post(format!("{url}/v1/completions"))
+        .json(&serde_json::json!({"prompt": prompt, "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (worker, cached) = (
+        header("x-eventplane-worker"),
+        header("x-eventplane-cached-blocks"),
+    );
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        status != 200 || body["usage"]["completion_tokens"] == 2,
+        "{body}"
+    );
+    (status, worker, cached)
+}
+
+/// Waits for a frontend's `ready` line and for `workers` workers to have
+/// joined it: (its URL, their ids).
+pub fn frontend_with_workers(
+    frontend: &Proc,
+    workers: usize,
+) -> (String, std::collections::HashSet<u64>) {
+    let url = frontend.until_type("ready")["url"]
+        .as_str()
+        .expect("url in the ready line")
+        .to_owned();
+    let mut joined = std::collections::HashSet::new();
+    while joined.len() < workers {
+        joined.insert(
+            frontend.until_type("worker_joined")["worker_id"]
+                .as_u64()
+                .expect("worker_id"),
+        );
+    }
+    (url, joined)
+}
