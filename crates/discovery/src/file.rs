@@ -73,6 +73,8 @@ pub struct FileDiscovery {
     bad_logged: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Parsed entries by file name, with the (inode, length) they were read at.
     cache: Arc<Mutex<HashMap<String, Cached>>>,
+    /// Directory scans done by this handle and its clones (for metrics).
+    scans: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FileDiscovery {
@@ -85,6 +87,7 @@ impl FileDiscovery {
             host: hostname().into(),
             bad_logged: Arc::default(),
             cache: Arc::default(),
+            scans: Arc::default(),
         })
     }
 
@@ -133,6 +136,7 @@ impl FileDiscovery {
 
     /// Reads every live entry under `prefix`, deleting dead ones.
     fn scan(&self, prefix: &str) -> Result<Vec<Entry>, DiscoveryError> {
+        self.scans.fetch_add(1, Ordering::Relaxed);
         let rd = std::fs::read_dir(&*self.dir).map_err(|e| io_err(&self.dir, e))?;
         let now = SystemTime::now();
         let mut out = Vec::new();
@@ -312,6 +316,15 @@ impl Discovery for FileDiscovery {
         "file"
     }
 
+    fn metrics(&self) -> Vec<crate::DiscoveryMetric> {
+        vec![crate::DiscoveryMetric {
+            name: "scans",
+            help: "directory scans (on each change, and at least every 200 ms per watch)",
+            value: self.scans.load(Ordering::Relaxed),
+            gauge: false,
+        }]
+    }
+
     async fn register(
         &self,
         key: &str,
@@ -377,7 +390,15 @@ impl Discovery for FileDiscovery {
         // Fail now, not inside the watcher, if the directory is unusable.
         self.list(prefix).await?;
         let (tx, rx) = mpsc::channel(1);
-        let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reads change nothing, and our own scans read the directory:
+            // reacting to access events made every scan trigger the next one,
+            // a loop of hundreds of scans a second on an idle directory.
+            if let Ok(ev) = &res {
+                if matches!(ev.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+            }
             let _ = tx.try_send(());
         })
         .and_then(|mut w| {

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdDiscovery, EtcdOptions, EtcdStats};
-pub use file::FileDiscovery;
+pub use file::{FileDiscovery, SCAN_INTERVAL as FILE_SCAN_INTERVAL};
 pub use mem::MemDiscovery;
 pub use watch::Watch;
 

@@ -175,3 +175,38 @@ async fn file_value_replaced_with_one_of_the_same_size_is_seen() {
     );
     assert!(matches!(next(&mut w).await, WatchEvent::Added(e) if e.value == json!("bb")));
 }
+
+/// A watched directory where nothing changes is scanned on the periodic
+/// timer alone. Our scans open the directory and its files; when those
+/// reads counted as changes, each scan triggered the next (hundreds a second
+/// on an idle machine, a core's worth of wake-ups taken from the transport).
+#[tokio::test]
+async fn an_idle_watch_scans_on_its_timer_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = FileDiscovery::new(dir.path()).unwrap();
+    let _a = d
+        .register("svc/a", json!("a"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut w = d.watch("svc/").await.unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Added(_)));
+    let scans = || {
+        d.metrics()
+            .iter()
+            .find(|m| m.name == "scans")
+            .map(|m| m.value)
+            .expect("the file backend counts its scans")
+    };
+    let before = scans();
+    // The window is what is measured here (how many scans happen in it);
+    // nothing is being waited for.
+    let window = Duration::from_secs(1);
+    tokio::time::sleep(window).await;
+    let during = scans() - before;
+    let timer_only =
+        (window.as_millis() / eventplane_discovery::FILE_SCAN_INTERVAL.as_millis()) as u64;
+    assert!(
+        during <= timer_only + 3,
+        "{during} scans in {window:?} on an idle directory (the timer alone makes {timer_only})"
+    );
+}
