@@ -305,9 +305,29 @@ pub struct TransportBenchArgs {
     /// percentile reported is the median of the rounds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub latency_rounds: u32,
+    /// Measure latency only: skip the throughput bisection and the unpaced
+    /// trial (their columns are left empty). For quick comparisons while
+    /// tuning; the README's table comes from a full run.
+    #[arg(long)]
+    pub latency_only: bool,
+    /// Where eventplane's subscriber receives: on a thread of its own that
+    /// blocks in `recv_blocking` (as the raw libzmq baseline's does, and as
+    /// the frontend's KV indexer does), or with `recv().await` in the
+    /// bench's current-thread async runtime.
+    #[arg(long, value_enum, default_value_t = ReceiveOn::Thread)]
+    pub receive: ReceiveOn,
     /// Print the results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where a benchmark's subscriber receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReceiveOn {
+    /// A thread of its own, blocking in `recv_blocking`.
+    Thread,
+    /// `recv().await` on the async runtime.
+    Async,
 }
 
 #[derive(Debug, Args)]

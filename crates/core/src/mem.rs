@@ -233,6 +233,33 @@ mod tests {
         assert_eq!(s.stats().sequence.lost, 0);
     }
 
+    /// The default blocking wait (a waker that unparks the thread): a
+    /// subscriber on a thread of its own is woken by a publish from another.
+    #[test]
+    fn a_blocking_receive_is_woken_by_a_publish() {
+        let bus = MemBus::new();
+        let ch = Scope::new("n", "c").unwrap().channel("t").unwrap();
+        let mut s: Subscriber<u32> = Subscriber::new(bus.subscriber(&ch, QueueLimits::default()));
+        let short = std::time::Duration::from_millis(20);
+        assert_eq!(s.recv_blocking(short), Err(crate::TimedOut));
+        let p = bus.publisher(&ch, Identity::new(1), 1 << 20);
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match s.recv_blocking(std::time::Duration::from_secs(10)) {
+                    Ok(Some(Event::Message(m))) => got.push(m.value),
+                    Ok(Some(_)) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            got
+        });
+        for v in [7u32, 8, 9] {
+            p.publish(&v).unwrap();
+        }
+        assert_eq!(receiver.join().unwrap(), vec![7, 8, 9]);
+    }
+
     #[tokio::test]
     async fn slow_subscriber_loses_counted_messages_only() {
         let bus = MemBus::new();

@@ -14,7 +14,8 @@
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Bounds of a subscriber's queue.
@@ -107,6 +108,47 @@ pub trait FrameSource: Send + 'static {
     fn try_next(&mut self) -> Option<SourceItem>;
     /// The transport's counters.
     fn counters(&self) -> &SourceCounters;
+
+    /// Blocks the calling thread until the next item, for at most `timeout`:
+    /// `Ok(None)` once the transport has shut down, `Err(TimedOut)` if
+    /// nothing came in time. For a subscriber that has a thread of its own.
+    ///
+    /// The default polls [`poll_next`](Self::poll_next) with a waker that
+    /// unparks this thread. A transport whose input is a socket overrides it
+    /// to block in the socket's own wait (the ZMQ transport does): one
+    /// wake-up per message, with no reactor in between.
+    fn wait_next(&mut self, timeout: Duration) -> Result<Option<SourceItem>, TimedOut> {
+        let deadline = Instant::now() + timeout;
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(item) = self.poll_next(&mut cx) {
+                return Ok(item);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TimedOut);
+            }
+            std::thread::park_timeout(left);
+        }
+    }
+}
+
+/// Nothing arrived within the time given to a blocking receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("nothing arrived in time")]
+pub struct TimedOut;
+
+/// Wakes a thread parked in [`FrameSource::wait_next`].
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 impl FrameSource for Source {

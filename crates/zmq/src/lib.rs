@@ -112,6 +112,10 @@ pub enum ZmqError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The socket could not be registered with the async runtime's reactor
+    /// (called outside a tokio runtime?).
+    #[error("cannot register the socket with the async runtime: {0}")]
+    Reactor(#[source] std::io::Error),
 }
 
 pub(crate) fn zmq_err(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> ZmqError {

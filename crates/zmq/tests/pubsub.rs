@@ -201,3 +201,75 @@ async fn garbage_from_a_foreign_peer_is_counted_and_good_traffic_continues() {
     assert_eq!(st.wrong_subject, 1, "{st:?}");
     assert_eq!(st.malformed(), 6);
 }
+
+/// A subscriber on a thread of its own, blocked in `recv_blocking` before any
+/// publisher exists: discovery's news wakes it (no periodic polling), it
+/// connects, receives everything in order, times out when nothing comes, and
+/// afterwards the same subscriber still works with async `recv`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_receiver_on_its_own_thread_joins_and_receives() {
+    let ctx = zmq::Context::new();
+    let discovery: Arc<dyn Discovery> = Arc::new(MemDiscovery::new());
+    let opts = ZmqOptions::default();
+    let ch = Scope::new("ns", "comp")
+        .unwrap()
+        .channel("blocking")
+        .unwrap();
+    let sub = subscribe_to(&ctx, &discovery, &ch, &opts).await.unwrap();
+    let n = 5_000u64;
+
+    let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+    let receiver = std::thread::spawn(move || {
+        let mut sub = sub;
+        let mut joined_tx = Some(joined_tx);
+        let mut expect = 1u64;
+        while expect <= n {
+            match sub.recv_blocking(WAIT).expect("an event within 10 s") {
+                Some(Event::Notice(Notice::Joined {
+                    publisher_id: 12, ..
+                })) => {
+                    let _ = joined_tx.take().map(|tx| tx.send(()));
+                }
+                Some(Event::Message(m)) => {
+                    assert_eq!(m.meta.seq, expect);
+                    assert_eq!(m.payload[..], (expect - 1).to_le_bytes());
+                    expect += 1;
+                }
+                Some(Event::Notice(other)) => panic!("unexpected notice {other:?}"),
+                Some(Event::Discovery(_)) => {}
+                None => panic!("subscriber closed"),
+            }
+        }
+        let quiet = Duration::from_millis(50);
+        assert_eq!(
+            sub.recv_blocking(quiet),
+            Err(eventplane_core::TimedOut),
+            "nothing more was published"
+        );
+        sub
+    });
+
+    // Published only once the subscriber, blocked on its thread, has joined.
+    let p = publish_on(&ctx, &*discovery, &ch, Identity::new(12), &opts)
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, joined_rx)
+        .await
+        .expect("the blocked receiver joins the new publisher")
+        .unwrap();
+    for i in 0..n {
+        p.publish_bytes(&i.to_le_bytes()).unwrap();
+    }
+    let mut sub = tokio::task::spawn_blocking(move || receiver.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(sub.stats().sequence.lost, 0);
+
+    // Back to async receiving: the socket's reactor registration returns.
+    p.publish_bytes(b"after").unwrap();
+    until(
+        &mut sub,
+        |e| matches!(e, Event::Message(m) if &m.payload[..] == b"after"),
+    )
+    .await;
+}

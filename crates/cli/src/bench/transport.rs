@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::args::{BenchPeerArgs, BenchTransport, TransportBenchArgs};
+use crate::args::{BenchPeerArgs, BenchTransport, ReceiveOn, TransportBenchArgs};
 use crate::pace::Pacer;
 
 /// How long the subscriber waits with nothing arriving before it decides the
@@ -161,6 +161,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 .filter(|&&t| !(mode == Mode::TwoProcess && t == BenchTransport::Mem))
                 .map(|&t| Rig {
                     transport: t,
+                    receive: a.receive,
                     mode,
                     hwm,
                     seq: 0,
@@ -170,11 +171,14 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             let mut group = Vec::new();
             for rig in &mut rigs {
                 let what = format!("{} {mode:?} {size} B", name(rig.transport));
-                group.push(
+                let row = if a.latency_only {
+                    row_head(rig, size)
+                } else {
                     throughput(rig, size, &a)
                         .await
-                        .with_context(|| what.clone())?,
-                );
+                        .with_context(|| what.clone())?
+                };
+                group.push(row);
             }
             // Latency: rounds alternate between the transports.
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
@@ -360,18 +364,25 @@ async fn throughput(
         }
     }
 
-    Ok(json!({
+    let mut row = row_head(rig, size);
+    row["sustained_msg_s"] = json!(lo.round());
+    row["unpaced"] = past;
+    Ok(row)
+}
+
+/// The fields that name a row of the table.
+fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
+    json!({
         "transport": name(rig.transport),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
         "hwm": rig.hwm,
-        "sustained_msg_s": lo.round(),
-        "unpaced": past,
-    }))
+    })
 }
 
 struct Rig {
     transport: BenchTransport,
+    receive: ReceiveOn,
     mode: Mode,
     hwm: i32,
     seq: u64,
@@ -498,51 +509,73 @@ impl Rig {
         };
 
         let heartbeat_wait = plane.config().heartbeat_interval * 2 + QUIET;
-        let mut received = 0u64;
-        let mut latency_ns = hist();
-        let mut last_progress = Instant::now();
-        // One timer for the whole trial: a timeout per receive would put a
-        // timer registration on every message's path.
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                biased;
-                ev = sub.recv() => match ev {
-                    Some(Event::Message(m)) => {
-                        received += 1;
-                        let _ = latency_ns.record(unix_nanos().saturating_sub(m.meta.timestamp_ns).max(1));
-                        last_progress = Instant::now();
+        let count = spec.count;
+        // Whether the subscriber has accounted for every message sent.
+        let complete = move |done: &AtomicBool,
+                             receipts: &Receipts,
+                             sub: &eventplane::RawSubscriber| {
+            done.load(Ordering::Acquire) && receipts.received + sub.stats().sequence.lost >= count
+        };
+        let (sub, receipts) = match self.receive {
+            ReceiveOn::Thread => {
+                let done = done.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut receipts = Receipts::new();
+                    loop {
+                        match sub.recv_blocking(Duration::from_millis(50)) {
+                            Ok(Some(Event::Message(m))) => {
+                                receipts.record_timestamp(m.meta.timestamp_ns)
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            // The publisher's idle heartbeat reveals any tail
+                            // loss within its interval; wait for it before
+                            // calling the rest lost.
+                            Err(_) if receipts.quiet_after(&done, heartbeat_wait) => break,
+                            Err(_) => {}
+                        }
+                        if complete(&done, &receipts, &sub) {
+                            break;
+                        }
                     }
-                    Some(_) => {}
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    // The publisher's idle heartbeat reveals any tail loss
-                    // within its interval; wait for it before calling the
-                    // rest lost.
-                    if done.load(Ordering::Acquire) && last_progress.elapsed() > heartbeat_wait {
+                    (sub, receipts)
+                })
+                .await?
+            }
+            ReceiveOn::Async => {
+                let mut receipts = Receipts::new();
+                // One timer for the whole trial: a timeout per receive would
+                // put a timer registration on every message's path.
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        biased;
+                        ev = sub.recv() => match ev {
+                            Some(Event::Message(m)) => receipts.record_timestamp(m.meta.timestamp_ns),
+                            Some(_) => {}
+                            None => break,
+                        },
+                        _ = tick.tick() => {
+                            if receipts.quiet_after(&done, heartbeat_wait) {
+                                break;
+                            }
+                        }
+                    }
+                    if complete(&done, &receipts, &sub) {
                         break;
                     }
                 }
+                (sub, receipts)
             }
-            if done.load(Ordering::Acquire) && received + sub.stats().sequence.lost >= spec.count {
-                break;
-            }
-        }
+        };
         done.store(false, Ordering::Release);
         sender.thread().unpark();
-        let (sent, send_s) = sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-        tracing::debug!(?spec, sent, send_s, received, stats = ?sub.stats(), "trial");
-        Ok(Trial {
-            sent,
-            send_s,
-            received,
-            reported_lost: Some(sub.stats().sequence.lost),
-            latency_ns,
-        })
+        let lost = sub.stats().sequence.lost;
+        tracing::debug!(?spec, received = receipts.received, stats = ?sub.stats(), "trial");
+        let mut trial = receipts.finish(sender)?;
+        trial.reported_lost = Some(lost);
+        Ok(trial)
     }
 }
 
@@ -650,7 +683,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
             wait_for_peer(child, lines, done.clone())
         }
     };
-    let mut receipts = RawReceipts::new();
+    let mut receipts = Receipts::new();
     let mut msg = zmq::Message::new();
     loop {
         if receipts.received >= spec.count && done.load(Ordering::Acquire) {
@@ -659,7 +692,7 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
         match sub.recv(&mut msg, 0) {
             Ok(()) => receipts.record(&msg[RAW_TOPIC.len().min(msg.len())..]),
             Err(zmq::Error::EAGAIN) => {
-                if receipts.quiet_after(&done) {
+                if receipts.quiet_after(&done, QUIET) {
                     break;
                 }
             }
@@ -669,15 +702,15 @@ fn raw_trial(spec: Spec, mode: Mode, hwm: i32) -> anyhow::Result<Trial> {
     receipts.finish(sender)
 }
 
-/// What a raw baseline's subscriber counted: messages, and the latency from
-/// the timestamp each payload carries after its counter.
-struct RawReceipts {
+/// What a trial's subscriber counted: messages, and the latency from the
+/// timestamp each carries (in the envelope, or after a raw payload's counter).
+struct Receipts {
     received: u64,
     latency_ns: Histogram<u64>,
     last_progress: Instant,
 }
 
-impl RawReceipts {
+impl Receipts {
     fn new() -> Self {
         Self {
             received: 0,
@@ -686,21 +719,29 @@ impl RawReceipts {
         }
     }
 
-    /// One payload (counter, then timestamp, then padding).
+    /// One raw payload (counter, then timestamp, then padding).
     fn record(&mut self, payload: &[u8]) {
-        self.received += 1;
-        if let Some(ts) = payload.get(8..16) {
-            let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
-            let _ = self
-                .latency_ns
-                .record(unix_nanos().saturating_sub(ts).max(1));
+        match payload.get(8..16) {
+            Some(ts) => self.record_timestamp(u64::from_le_bytes(ts.try_into().expect("8 bytes"))),
+            None => {
+                self.received += 1;
+                self.last_progress = Instant::now();
+            }
         }
+    }
+
+    /// One message published at `timestamp_ns` (Unix epoch).
+    fn record_timestamp(&mut self, timestamp_ns: u64) {
+        self.received += 1;
+        let _ = self
+            .latency_ns
+            .record(unix_nanos().saturating_sub(timestamp_ns).max(1));
         self.last_progress = Instant::now();
     }
 
-    /// The sender is done and nothing has arrived for [`QUIET`]: the rest is lost.
-    fn quiet_after(&self, done: &AtomicBool) -> bool {
-        done.load(Ordering::Acquire) && self.last_progress.elapsed() > QUIET
+    /// The sender is done and nothing has arrived for `quiet`: the rest is lost.
+    fn quiet_after(&self, done: &AtomicBool, quiet: Duration) -> bool {
+        done.load(Ordering::Acquire) && self.last_progress.elapsed() > quiet
     }
 
     /// The trial, once the sender's thread reports.
@@ -855,7 +896,7 @@ async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> any
             wait_for_peer(child, lines, done.clone())
         }
     };
-    let mut receipts = RawReceipts::new();
+    let mut receipts = Receipts::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -869,7 +910,7 @@ async fn raw_nats_trial(spec: Spec, mode: Mode, url: &str, subject: &str) -> any
                 None => break,
             },
             _ = tick.tick() => {
-                if receipts.quiet_after(&done) {
+                if receipts.quiet_after(&done, QUIET) {
                     break;
                 }
             }
