@@ -26,6 +26,12 @@
 //! percentile's median, so that a noisy moment of the machine does not land
 //! on one transport only.
 //!
+//! eventplane's subscriber receives, by default (`--receive auto`), over ZMQ
+//! on a thread of its own blocked in `recv_blocking`, as the raw libzmq
+//! baseline's blocks in `zmq_recv`; over NATS (and in process) with
+//! `recv().await` on the bench's current-thread runtime, as raw async-nats's
+//! does.
+//!
 //! Without `--nats-server`, the bench starts a `nats-server` of its own on a
 //! free loopback port for the NATS rows (and stops it at the end).
 
@@ -161,7 +167,11 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 .filter(|&&t| !(mode == Mode::TwoProcess && t == BenchTransport::Mem))
                 .map(|&t| Rig {
                     transport: t,
-                    receive: a.receive,
+                    receive: match (a.receive, t) {
+                        (ReceiveOn::Auto, BenchTransport::Zmq) => ReceiveOn::Thread,
+                        (ReceiveOn::Auto, _) => ReceiveOn::Async,
+                        (r, _) => r,
+                    },
                     mode,
                     hwm,
                     seq: 0,
@@ -377,6 +387,10 @@ fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
         "hwm": rig.hwm,
+        "receive": match rig.receive {
+            ReceiveOn::Async => "async",
+            _ => "thread",
+        },
     })
 }
 
@@ -517,7 +531,7 @@ impl Rig {
             done.load(Ordering::Acquire) && receipts.received + sub.stats().sequence.lost >= count
         };
         let (sub, receipts) = match self.receive {
-            ReceiveOn::Thread => {
+            ReceiveOn::Thread | ReceiveOn::Auto => {
                 let done = done.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut receipts = Receipts::new();
