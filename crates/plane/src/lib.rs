@@ -9,7 +9,13 @@
 //! `recv`, woken by the runtime's reactor. On the 2-core reference machine a
 //! current-thread runtime (or one dedicated to the subscriber) woke it
 //! 10-40 µs sooner per message than a multi-threaded one, whose wake-ups cross
-//! threads; latency-sensitive routers should receive on one.
+//! threads; latency-sensitive routers should receive on one. Better still
+//! over ZMQ, a subscriber on a thread of its own can call
+//! [`Subscriber::recv_blocking`]: it then waits in the socket itself, as a
+//! raw libzmq subscriber does, with no reactor between the network and the
+//! application (the discovery watcher keeps running on the runtime that
+//! made the subscriber). Over NATS the client's messages come from the
+//! runtime anyway, and `recv().await` measured better.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -168,6 +168,10 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 .map(|&t| Rig {
                     transport: t,
                     receive: match (a.receive, t) {
+                        // The baselines receive as they always do: raw libzmq
+                        // blocks on its thread, raw async-nats awaits.
+                        (_, BenchTransport::RawZmq) => ReceiveOn::Thread,
+                        (_, BenchTransport::RawNats) => ReceiveOn::Async,
                         (ReceiveOn::Auto, BenchTransport::Zmq) => ReceiveOn::Thread,
                         (ReceiveOn::Auto, _) => ReceiveOn::Async,
                         (r, _) => r,
