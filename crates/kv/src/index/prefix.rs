@@ -455,7 +455,6 @@ impl PrefixIndex {
                 occupancy.used += 1;
                 i
             }
-            Place::Reused(i) => i,
         };
         let holders = table.holders_at(i);
         if holders & bit != 0 {
@@ -659,14 +658,35 @@ where
 {
     raw.clear();
     active.clear();
+    let mut keys = Ahead::new(seqs);
+    // Blocks every worker in `holding` / `active` holds.
+    let mut depth = 0u32;
     if let [table] = tables {
-        // One table (up to 64 ranks): the common case.
-        walk_one(table, seqs, raw);
+        // One table (up to 64 ranks): the common case, kept branch-light.
+        let mut holding = u64::MAX;
+        let locate = |key| {
+            let home = table.home(key);
+            table.prefetch_bucket(home);
+            home
+        };
+        while let Some((key, home)) = keys.key(depth as usize, locate) {
+            let still = table.get_from(key, home) & holding;
+            if still != holding {
+                if depth > 0 {
+                    record(raw, 0, holding & !still, depth);
+                }
+                holding = still;
+                if holding == 0 {
+                    return;
+                }
+            }
+            depth += 1;
+        }
+        if depth > 0 {
+            record(raw, 0, holding, depth);
+        }
         return;
     }
-    let mut keys = Ahead::new(seqs);
-    // Blocks every worker in `active` holds.
-    let mut depth = 0u32;
     for t in 0..tables.len() {
         active.push((t as u32, u64::MAX));
     }
@@ -698,108 +718,6 @@ where
             record(raw, t, holding, depth);
         }
     }
-}
-
-/// Keys a one-table walk produces ahead of the block it probes: refilled
-/// to `min(depth + 1, RING / 2)` blocks ahead when fewer than half that
-/// remain. Must be a power of two.
-const RING: usize = 32;
-
-/// [`walk`] over a single table, written so that its state stays in
-/// registers: keys and home buckets are produced in short bursts (each
-/// burst's prefetches issued back to back) into a ring on the stack, and the
-/// per-block loop is a load of the ring, one bucket probe and one
-/// predictable branch.
-#[inline]
-fn walk_one<I>(table: &Table, seqs: I, raw: &mut Vec<(u32, u32)>)
-where
-    I: Iterator<Item = SeqHash>,
-{
-    #[cfg(target_arch = "x86_64")]
-    if table.avx512() {
-        // SAFETY: the CPU has AVX-512F (`Table::avx512`).
-        unsafe { walk_one_avx512(table, seqs, raw) };
-        return;
-    }
-    walk_one_with(table, seqs, raw, |key, home| table.get_from(key, home));
-}
-
-/// [`walk_one`] compiled for AVX-512, probing with
-/// [`Table::get_from_avx512`].
-///
-/// # Safety
-///
-/// [`Table::avx512`] must be true.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn walk_one_avx512<I>(table: &Table, seqs: I, raw: &mut Vec<(u32, u32)>)
-where
-    I: Iterator<Item = SeqHash>,
-{
-    walk_one_with(table, seqs, raw, |key, home| {
-        // SAFETY: as this function's.
-        unsafe { table.get_from_avx512(key, home) }
-    });
-}
-
-/// The loop of [`walk_one`], with the probe given.
-#[inline(always)]
-fn walk_one_with<I>(
-    table: &Table,
-    mut seqs: I,
-    raw: &mut Vec<(u32, u32)>,
-    get: impl Fn(u64, usize) -> u64,
-) where
-    I: Iterator<Item = SeqHash>,
-{
-    let mut keys = [0u64; RING];
-    let mut homes = [0usize; RING];
-    let mut produced = 0usize;
-    let mut exhausted = false;
-    let mut holding = u64::MAX;
-    let mut depth = 0usize;
-    loop {
-        let ahead = (depth + 1).min(RING / 2);
-        if !exhausted && produced < depth + 1 + ahead / 2 {
-            let want = depth + 1 + ahead;
-            while produced < want {
-                let Some(seq) = seqs.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let key = slot_key(seq.0);
-                let home = table.home(key);
-                table.prefetch_bucket(home);
-                keys[produced % RING] = key;
-                homes[produced % RING] = home;
-                produced += 1;
-            }
-        }
-        if depth >= produced {
-            break;
-        }
-        let still = get(keys[depth % RING], homes[depth % RING]) & holding;
-        if still != holding {
-            if depth > 0 {
-                record_cold(raw, 0, holding & !still, depth as u32);
-            }
-            holding = still;
-            if holding == 0 {
-                return;
-            }
-        }
-        depth += 1;
-    }
-    if depth > 0 {
-        record_cold(raw, 0, holding, depth as u32);
-    }
-}
-
-/// [`record`], kept out of the probe loop.
-#[cold]
-#[inline(never)]
-fn record_cold(raw: &mut Vec<(u32, u32)>, t: u32, dropped: u64, depth: u32) {
-    record(raw, t, dropped, depth);
 }
 
 /// Turns dense numbers into workers.
