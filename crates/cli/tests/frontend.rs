@@ -8,8 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::Proc;
-use eventplane::Event;
-use eventplane_kv::{block_hashes, tokenize, KvEvent, SeqHash};
+use eventplane_kv::tokenize;
 use serde_json::{json, Value};
 
 fn start_worker(dir: &std::path::Path, id: u64, extra: &[&str]) -> Proc {
@@ -31,31 +30,38 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
     let frontend = Proc::start("frontend", dir.path(), &["frontend", "--http-port", "0"]);
     let (url, _) = common::frontend_with_workers(&frontend, 3);
 
-    // Our own view of the KV events, to know when the first request's
-    // blocks are published (the frontend receives them at the same time).
-    let (_plane, mut events) = common::kv_events_joined(dir.path(), 3).await;
-
     let client = reqwest::Client::new();
     let prefix: String = (0..64).map(|i| format!("word{i} ")).collect();
     let (status, first_worker, _) =
         common::complete(&client, &url, &format!("{prefix}first")).await;
     assert_eq!(status, 200);
-    let last_block: SeqHash = block_hashes(&tokenize::encode(&prefix), 4, None)
-        .last()
-        .unwrap()
-        .seq;
+    // Wait until the frontend's own index holds the whole prefix on that
+    // worker (the KV events reach it shortly after the answer). Asking the
+    // frontend, not a subscriber of our own, is what makes this an event
+    // to wait for rather than a race between two subscribers.
+    let want = (tokenize::encode(&prefix).len() / 4) as u64;
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(Event::Message(m)) = events.recv().await {
-                let has = m.value.events.iter().any(|e| matches!(e, KvEvent::Stored { blocks, .. } if blocks.iter().any(|b| b.seq == last_block)));
-                if has && m.value.worker_id == first_worker {
-                    return;
-                }
+            let v: Value = client
+                .post(format!("{url}/router/cached"))
+                .json(&json!({"prompt": prefix}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let held = v["workers"].as_array().unwrap().iter().any(|w| {
+                w["worker_id"].as_u64() == Some(first_worker) && w["blocks"].as_u64() >= Some(want)
+            });
+            if held {
+                return;
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the first request's blocks were published");
+    .expect("the frontend learns the first request's blocks");
     for i in 0..5 {
         let (status, worker, cached) =
             common::complete(&client, &url, &format!("{prefix}again {i}")).await;

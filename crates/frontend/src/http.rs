@@ -105,6 +105,7 @@ pub fn routes(state: ApiState) -> HttpRouter {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/router/workers", get(router_workers))
+        .route("/router/cached", post(router_cached))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -327,6 +328,37 @@ async fn router_workers(State(state): State<ApiState>) -> Response {
         })
         .collect();
     Json(json!({"workers": workers})).into_response()
+}
+
+/// `POST /router/cached` with a completion body (`{"prompt": ...}`): how many
+/// leading blocks of the prompt each worker rank holds, as the router knows
+/// it. Routes and books nothing.
+async fn router_cached(State(state): State<ApiState>, body: Bytes) -> Response {
+    let tokens = match serde_json::from_slice::<Value>(&body)
+        .map_err(|e| format!("the body is not JSON: {e}"))
+        .and_then(|v| completion_tokens(&state.tokenizer, &v))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            state.stats.bad_requests.inc();
+            return error(StatusCode::BAD_REQUEST, "invalid_request_error", e);
+        }
+    };
+    let Ok(mut r) = state.router.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "router lock poisoned",
+        );
+    };
+    let found: Vec<Value> = r
+        .cached_prefix(&tokens, Instant::now())
+        .into_iter()
+        .map(
+            |(w, blocks)| json!({"worker_id": w.worker_id, "dp_rank": w.dp_rank, "blocks": blocks}),
+        )
+        .collect();
+    Json(json!({"block_size": r.block_size(), "workers": found})).into_response()
 }
 
 async fn health(State(state): State<ApiState>) -> Response {

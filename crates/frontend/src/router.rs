@@ -35,6 +35,14 @@ pub enum CacheView {
     Approx(Box<ApproxIndex>),
 }
 
+/// Fills `matches` with what `view` says of the blocks `seqs`.
+fn look_up(view: &mut CacheView, seqs: &[SeqHash], now: Instant, matches: &mut Matches) {
+    match view {
+        CacheView::Events(reader) => reader.lookup(seqs.iter().copied(), matches),
+        CacheView::Approx(a) => a.lookup(seqs.iter().copied(), now, matches),
+    }
+}
+
 /// Settings of the router.
 #[derive(Debug, Clone, Copy)]
 pub struct RouterSettings {
@@ -271,6 +279,24 @@ impl Router {
             .max(1)
     }
 
+    /// How many leading blocks of a prompt of `tokens` each worker rank
+    /// holds, as this router knows it (its KV index, or with
+    /// `--no-kv-events` its prediction), sorted by worker; ranks holding
+    /// none are left out. Routes and books nothing: for operators and tests
+    /// asking what the router would see.
+    pub fn cached_prefix(&mut self, tokens: &[u32], now: Instant) -> Vec<(WorkerKey, u32)> {
+        let bs = self.block_size() as usize;
+        let seqs: Vec<SeqHash> = block_hashes(tokens, bs, None)
+            .into_iter()
+            .map(|b| b.seq)
+            .collect();
+        look_up(&mut self.view, &seqs, now, &mut self.matches);
+        let mut found: Vec<(WorkerKey, u32)> =
+            self.matches.iter().filter(|(_, n)| *n > 0).collect();
+        found.sort_by_key(|(w, _)| (w.worker_id, w.dp_rank));
+        found
+    }
+
     /// Chooses a worker for a prompt of `tokens` and books the request on
     /// it; `None` when no worker is known.
     pub fn route(&mut self, tokens: &[u32], now: Instant) -> Option<Routed> {
@@ -306,12 +332,7 @@ impl Router {
             }
             Mode::Random => (ranks[self.rng.random_range(0..ranks.len())].0, 0),
             Mode::Kv => {
-                match &mut self.view {
-                    CacheView::Events(reader) => {
-                        reader.lookup(seqs.iter().copied(), &mut self.matches)
-                    }
-                    CacheView::Approx(a) => a.lookup(seqs.iter().copied(), now, &mut self.matches),
-                }
+                look_up(&mut self.view, &seqs, now, &mut self.matches);
                 // Load is what this router booked (and, with replica sync,
                 // its peers). Workers' own reports are kept (`loads`) but
                 // not used here: they lag by their debounce and count our
