@@ -374,9 +374,14 @@ impl FrameSource for ZmqSource {
                 }
             }
             if self.signal.is_none() {
-                // Back from blocking receives: register again.
+                // Back from blocking receives: register again, and read
+                // before waiting (`zmq_poll` may have consumed the signal).
                 match register_signal(&self.sub) {
-                    Ok(signal) => self.signal = Some(signal),
+                    Ok(signal) => {
+                        self.signal = Some(signal);
+                        self.drained = false;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::error!(channel = %self.channel, error = %e, "zmq subscriber cannot wait on its socket; it stops");
                         return Poll::Ready(None);
@@ -444,20 +449,20 @@ impl FrameSource for ZmqSource {
         };
         let mut cx = Context::from_waker(&waker);
         self.signal = None;
-        // An async receive after this one must read before it waits: the
-        // socket's signal may have been consumed here.
-        self.drained = false;
         loop {
             while let Poll::Ready(Some(cmd)) = self.commands.poll_recv(&mut cx) {
                 if let Some(change) = self.apply(cmd) {
                     return Ok(Some(SourceItem::Change(change)));
                 }
             }
-            if let Some(batch) = self.read_batch() {
-                self.drained = false;
-                return Ok(Some(SourceItem::Batch(batch)));
+            // After a read that emptied the socket, go straight to
+            // `zmq_poll` (it checks for waiting messages before it sleeps):
+            // another `recv` would only fail, at the cost of a system call.
+            if !self.drained {
+                if let Some(batch) = self.read_batch() {
+                    return Ok(Some(SourceItem::Batch(batch)));
+                }
             }
-            self.drained = false;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(TimedOut);
@@ -473,6 +478,9 @@ impl FrameSource for ZmqSource {
                     tracing::error!(channel = %self.channel, error = %e, "zmq subscriber cannot wait on its socket; it stops");
                     return Ok(None);
                 }
+            }
+            if items[0].is_readable() {
+                self.drained = false;
             }
             if items[1].is_readable() {
                 let mut count = 0u64;
