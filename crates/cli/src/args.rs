@@ -295,6 +295,12 @@ pub struct TransportBenchArgs {
     /// Seconds per throughput trial.
     #[arg(long, default_value_t = 1.0)]
     pub trial_s: f64,
+    /// Throughput bisections per transport. Each step of a bisection runs
+    /// every transport's trial in turn (so a noisy moment of the machine
+    /// lands on all of them); the sustained rate reported is the median of
+    /// the rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub throughput_rounds: u32,
     /// Offered rate of the latency run, messages per second.
     #[arg(long, default_value_t = 50_000)]
     pub latency_rate: u64,

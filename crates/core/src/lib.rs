@@ -35,7 +35,8 @@ pub use mem::MemBus;
 pub use name::{Channel, NameError, Scope};
 pub use publisher::{FrameSink, Identity, PublishError, Publisher, PublisherStats, SendError};
 pub use queue::{
-    source_queue, FrameSource, PublisherChange, QueueLimits, Source, SourceItem, SourceTx, TimedOut,
+    source_queue, Deadline, FrameSource, PublisherChange, QueueLimits, Source, SourceItem,
+    SourceTx, TimedOut,
 };
 pub use sequence::{Notice, SequenceCounters, SequenceTracker};
 pub use subscriber::{

@@ -17,9 +17,9 @@ use std::sync::atomic::Ordering;
 
 use crate::envelope::{self, unix_nanos, DecodeError};
 use crate::name::Channel;
-use crate::queue::{FrameSource, PublisherChange, SourceCounters, SourceItem, TimedOut};
+use crate::queue::{Deadline, FrameSource, PublisherChange, SourceCounters, SourceItem, TimedOut};
 use crate::sequence::{Notice, SequenceCounters, SequenceTracker, Verdict};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where a message came from and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,13 +216,12 @@ impl RawSubscriber {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Event<RawMessage>>, TimedOut> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::after(timeout);
         loop {
             if let Some(ev) = self.next_buffered() {
                 return Ok(Some(ev));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.source.wait_next(left)? {
+            match self.source.wait_next(deadline.left())? {
                 Some(item) => self.absorb(item),
                 None => return Ok(None),
             }
@@ -399,10 +398,9 @@ impl<T: DeserializeOwned> Subscriber<T> {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Event<Message<T>>>, TimedOut> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::after(timeout);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(ev) = self.raw.recv_blocking(left)? else {
+            let Some(ev) = self.raw.recv_blocking(deadline.left())? else {
                 return Ok(None);
             };
             if let Some(ev) = self.typed(ev) {

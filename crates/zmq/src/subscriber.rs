@@ -15,7 +15,9 @@
 //! application starts receiving (a `recv` that is waiting counts).
 
 use bytes::Bytes;
-use eventplane_core::queue::{FrameSource, PublisherChange, SourceCounters, SourceItem, TimedOut};
+use eventplane_core::queue::{
+    Deadline, FrameSource, PublisherChange, SourceCounters, SourceItem, TimedOut,
+};
 use eventplane_core::subscriber::LogOnce;
 use eventplane_core::{Channel, RawSubscriber};
 use eventplane_discovery::{Discovery, WatchEvent};
@@ -24,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
@@ -428,7 +430,7 @@ impl FrameSource for ZmqSource {
     /// raw libzmq subscriber, and a publisher found in discovery is
     /// connected at once, without periodic wake-ups.
     fn wait_next(&mut self, timeout: Duration) -> Result<Option<SourceItem>, TimedOut> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::after(timeout);
         let (fd, waker) = match &self.wake {
             Some((fd, waker)) => (*fd, waker.clone()),
             None => {
@@ -463,7 +465,7 @@ impl FrameSource for ZmqSource {
                     return Ok(Some(SourceItem::Batch(batch)));
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.left();
             if left.is_zero() {
                 return Err(TimedOut);
             }

@@ -9,6 +9,8 @@
 //!    subscriber receives every message. Found by bisection between 0 and
 //!    the publisher's unpaced rate, with trials of `--trial-s` seconds (a
 //!    failed trial is tried once more before the rate counts as too high).
+//!    The bisections of all transports run in lockstep, one trial of each
+//!    in turn, `--throughput-rounds` times; the median is reported.
 //! 2. **Past it**: an unpaced trial, where the publisher outruns the
 //!    subscriber. For eventplane, every lost message must be reported by
 //!    sequence tracking (`unreported` must be 0); raw libzmq loses silently,
@@ -182,18 +184,11 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     nats_url: nats_url.clone().unwrap_or_default(),
                 })
                 .collect();
-            let mut group = Vec::new();
-            for rig in &mut rigs {
-                let what = format!("{} {mode:?} {size} B", name(rig.transport));
-                let row = if a.latency_only {
-                    row_head(rig, size)
-                } else {
-                    throughput(rig, size, &a)
-                        .await
-                        .with_context(|| what.clone())?
-                };
-                group.push(row);
-            }
+            let group = if a.latency_only {
+                rigs.iter().map(|rig| row_head(rig, size)).collect()
+            } else {
+                throughput(&mut rigs, size, &a).await?
+            };
             // Latency: rounds alternate between the transports.
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
             let mut lost = vec![0u64; rigs.len()];
@@ -313,14 +308,75 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
     }
 }
 
-/// Sustained throughput (bisection) and the unpaced trial.
+/// Sustained throughput and the unpaced trial, for every rig of one size
+/// and process layout: one row each.
+///
+/// Each rig's unpaced trial runs once; then `--throughput-rounds`
+/// bisections, run in lockstep: every step runs each rig's trial in turn,
+/// so that a noisy second of the shared machine lands on the baseline as
+/// well as on eventplane, instead of on whichever ran then. The sustained
+/// rate reported is the median of the rounds.
 async fn throughput(
+    rigs: &mut [Rig],
+    size: usize,
+    a: &TransportBenchArgs,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let what = |rig: &Rig| format!("{} {:?} {size} B", name(rig.transport), rig.mode);
+    let mut rows = Vec::with_capacity(rigs.len());
+    // What each rig's publisher offers unpaced: where its bisections start.
+    let mut tops = Vec::with_capacity(rigs.len());
+    for rig in rigs.iter_mut() {
+        let (row, top) = unpaced(rig, size, a).await.with_context(|| what(rig))?;
+        rows.push(row);
+        tops.push(top);
+    }
+    let mut sustained: Vec<Vec<f64>> = vec![Vec::new(); rigs.len()];
+    for _ in 0..a.throughput_rounds {
+        let mut searches: Vec<Bisection> = tops.iter().map(|&t| Bisection::new(t)).collect();
+        while searches.iter().any(|s| s.next_rate().is_some()) {
+            for (rig, search) in rigs.iter_mut().zip(&mut searches) {
+                let Some(rate) = search.next_rate() else {
+                    continue;
+                };
+                // Two tries, for every transport alike: a single noisy
+                // second should not decide the result.
+                let mut passed = false;
+                for _ in 0..2 {
+                    let spec = Spec {
+                        size,
+                        count: ((rate * a.trial_s) as u64).max(1_000),
+                        rate,
+                    };
+                    let t = rig.trial(spec).await.with_context(|| what(rig))?;
+                    if t.lost() == 0 && t.sent as f64 / t.send_s.max(1e-9) >= rate * 0.97 {
+                        passed = true;
+                        break;
+                    }
+                }
+                search.record(rate, passed);
+            }
+        }
+        for (k, search) in searches.iter().enumerate() {
+            sustained[k].push(search.lo.round());
+        }
+    }
+    for (row, mut rounds) in rows.iter_mut().zip(sustained) {
+        row["sustained_rounds"] = json!(rounds);
+        rounds.sort_by(f64::total_cmp);
+        row["sustained_msg_s"] = json!(rounds[rounds.len() / 2]);
+    }
+    Ok(rows)
+}
+
+/// The unpaced trials of one rig: its publisher's top speed, and what
+/// happens past the subscriber's capacity. Returns the row (without the
+/// sustained rate) and the rate offered unpaced, where bisection starts; if
+/// nothing was lost even then, that rate is the sustained one.
+async fn unpaced(
     rig: &mut Rig,
     size: usize,
     a: &TransportBenchArgs,
-) -> anyhow::Result<serde_json::Value> {
-    // Unpaced: the publisher's top speed, and what happens past the
-    // subscriber's capacity.
+) -> anyhow::Result<(serde_json::Value, Top)> {
     let probe = rig
         .trial(Spec {
             size,
@@ -339,7 +395,8 @@ async fn throughput(
         .await?;
     let offered = unpaced.sent as f64 / unpaced.send_s.max(1e-9);
     let reported = unpaced.reported_lost;
-    let past = json!({
+    let mut row = row_head(rig, size);
+    row["unpaced"] = json!({
         "offered_msg_s": offered.round(),
         "sent": unpaced.sent,
         "received": unpaced.received,
@@ -347,41 +404,69 @@ async fn throughput(
         "reported_lost": reported,
         "unreported": reported.map(|r| unpaced.lost().saturating_sub(r)),
     });
+    Ok((
+        row,
+        Top {
+            offered,
+            lossless: unpaced.lost() == 0,
+        },
+    ))
+}
 
-    // Bisection for the highest rate with no loss.
-    let (mut lo, mut hi) = (0.0f64, offered);
-    if unpaced.lost() == 0 {
-        lo = offered;
-    } else {
-        for _ in 0..7 {
-            let rate = if lo == 0.0 { hi / 2.0 } else { (lo + hi) / 2.0 };
-            // Two tries, for every transport alike: a single noisy second of
-            // a shared machine should not decide the result.
-            let mut passed = false;
-            for _ in 0..2 {
-                let spec = Spec {
-                    size,
-                    count: ((rate * a.trial_s) as u64).max(1_000),
-                    rate,
-                };
-                let t = rig.trial(spec).await?;
-                if t.lost() == 0 && t.sent as f64 / t.send_s.max(1e-9) >= rate * 0.97 {
-                    passed = true;
-                    break;
-                }
+/// A publisher's unpaced rate, and whether its subscriber kept up with it.
+#[derive(Clone, Copy)]
+struct Top {
+    offered: f64,
+    lossless: bool,
+}
+
+/// A search for the highest offered rate with no loss, between 0 and the
+/// unpaced rate, in seven halvings.
+struct Bisection {
+    /// The highest rate that passed (0: none yet).
+    lo: f64,
+    /// The lowest rate that failed.
+    hi: f64,
+    steps_left: u32,
+}
+
+impl Bisection {
+    fn new(top: Top) -> Self {
+        if top.lossless {
+            // The subscriber kept up with everything the publisher offers.
+            Bisection {
+                lo: top.offered,
+                hi: top.offered,
+                steps_left: 0,
             }
-            if passed {
-                lo = rate;
-            } else {
-                hi = rate;
+        } else {
+            Bisection {
+                lo: 0.0,
+                hi: top.offered,
+                steps_left: 7,
             }
         }
     }
 
-    let mut row = row_head(rig, size);
-    row["sustained_msg_s"] = json!(lo.round());
-    row["unpaced"] = past;
-    Ok(row)
+    /// The rate to try next; `None` when the search is over.
+    fn next_rate(&self) -> Option<f64> {
+        (self.steps_left > 0).then(|| {
+            if self.lo == 0.0 {
+                self.hi / 2.0
+            } else {
+                (self.lo + self.hi) / 2.0
+            }
+        })
+    }
+
+    fn record(&mut self, rate: f64, passed: bool) {
+        if passed {
+            self.lo = rate;
+        } else {
+            self.hi = rate;
+        }
+        self.steps_left = self.steps_left.saturating_sub(1);
+    }
 }
 
 /// The fields that name a row of the table.
