@@ -245,13 +245,35 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Whether the process `pid` on this host still runs.
+///
+/// A process killed but not yet reaped by its parent (a zombie) does not
+/// run: `kill(pid, 0)` still succeeds for it, so on Linux its state in
+/// `/proc/<pid>/stat` decides. Without this, an owner killed with `kill -9`
+/// under a parent that reaps late (a test harness, a slow supervisor) would
+/// keep its entry until the TTL ran out.
 fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !is_zombie(pid)
+}
+
+/// Reads the state letter of `/proc/<pid>/stat`: the field after the
+/// command name, which is parenthesised and may itself hold `)` or spaces.
+/// Where `/proc` cannot tell (another OS, a race with exit), the process
+/// counts as not a zombie and the TTL remains the backstop.
+fn is_zombie(pid: libc::pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_ascii_whitespace().next());
+    matches!(state, Some("Z" | "X"))
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -437,5 +459,37 @@ impl Discovery for FileDiscovery {
                 _watcher: watcher,
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_child_not_yet_reaped_is_not_alive() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(process_alive(pid), "a running child is alive");
+        child.kill().expect("kill");
+        // Wait for it to exit without reaping it (WNOWAIT): a zombie now.
+        // SAFETY: siginfo_t is plain data, and waitid writes it for our child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        assert_eq!(rc, 0, "waitid: {}", std::io::Error::last_os_error());
+        assert!(is_zombie(pid as libc::pid_t), "exited, unreaped: a zombie");
+        assert!(!process_alive(pid), "a zombie counts as dead");
+        child.wait().expect("reap");
+        assert!(!process_alive(pid), "a reaped child is gone");
     }
 }
