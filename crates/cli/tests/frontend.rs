@@ -42,15 +42,12 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
     let want = (tokenize::encode(&prefix).len() / 4) as u64;
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let v: Value = client
-                .post(format!("{url}/router/cached"))
-                .json(&json!({"prompt": prefix}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = common::post_json(
+                &client,
+                &format!("{url}/router/cached"),
+                &json!({"prompt": prefix}),
+            )
+            .await;
             let held = v["workers"].as_array().unwrap().iter().any(|w| {
                 w["worker_id"].as_u64() == Some(first_worker) && w["blocks"].as_u64() >= Some(want)
             });
@@ -87,14 +84,7 @@ async fn routes_by_prefix_and_survives_a_killed_worker() {
 
 /// The booked load both frontends show for every worker.
 async fn booked(client: &reqwest::Client, url: &str) -> Vec<(u64, Value)> {
-    let v: Value = client
-        .get(format!("{url}/router/workers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = common::get_json(client, &format!("{url}/router/workers")).await;
     let mut out: Vec<(u64, Value)> = v["workers"]
         .as_array()
         .unwrap()

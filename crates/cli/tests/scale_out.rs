@@ -12,7 +12,6 @@ mod common;
 use common::Proc;
 use eventplane_testkit::etcd::EtcdServer;
 use eventplane_testkit::nats::NatsServer;
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const TTL_S: u64 = 2;
@@ -103,14 +102,7 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
     let worker_metrics = format!("{}/metrics", worker_urls[(first - 1) as usize]);
     let deadline = Instant::now() + common::WAIT;
     loop {
-        let text = client
-            .get(&worker_metrics)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::get_text(&client, &worker_metrics).await;
         if metric(
             &text,
             "eventplane_worker_discovery_etcd_reregistrations_total",
@@ -133,14 +125,7 @@ async fn workers_and_a_frontend_over_nats_and_etcd() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     loop {
-        let v: Value = client
-            .get(format!("{url}/router/workers"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = common::get_json(&client, &format!("{url}/router/workers")).await;
         let ids: Vec<u64> = v["workers"]
             .as_array()
             .unwrap()

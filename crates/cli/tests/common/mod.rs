@@ -259,6 +259,34 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// GETs `url` and parses the answer as JSON (panics on any failure: a test
+/// helper).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// GETs `url` and returns the body as text (a `/metrics` page, say).
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// POSTs `body` as JSON to `url` and parses the answer as JSON.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Sends a 2-token completion to a frontend at `url`: (HTTP status, the
 /// worker that served it, its cached prefix blocks), from the frontend's
 /// `x-eventplane-*` headers. A 200 must carry the 2 tokens asked for.
