@@ -66,6 +66,9 @@ pub enum PublisherChange {
 pub enum SourceItem {
     /// Encoded envelopes, in arrival order.
     Batch(Vec<Bytes>),
+    /// One encoded envelope: what a blocking receive hands over as soon as
+    /// it has it, without a batch to allocate.
+    Frame(Bytes),
     /// A discovery change.
     Change(PublisherChange),
 }

@@ -279,6 +279,10 @@ impl RawSubscriber {
                 self.frames_received_ns = unix_nanos();
                 self.frames.extend(batch);
             }
+            SourceItem::Frame(frame) => {
+                self.frames_received_ns = unix_nanos();
+                self.frames.push_back(frame);
+            }
         }
     }
 

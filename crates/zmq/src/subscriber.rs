@@ -22,7 +22,7 @@ use eventplane_core::subscriber::LogOnce;
 use eventplane_core::{Channel, RawSubscriber};
 use eventplane_discovery::{Discovery, WatchEvent};
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -99,27 +99,49 @@ pub struct ZmqSource {
     counters: Arc<SourceCounters>,
     log: LogOnce,
     channel: Channel,
-    /// For blocking waits ([`FrameSource::wait_next`]): an eventfd that the
-    /// watcher's commands ring, polled beside the socket. Made on first use.
-    wake: Option<(RawFd, Waker)>,
+    /// For blocking waits ([`FrameSource::wait_next`]): the waker the
+    /// watcher's commands ring, which sends [`WAKE`] into the socket itself
+    /// (see [`ControlWaker`]). Made on first use.
+    wake: Option<Waker>,
+    /// The context `sub` belongs to: the wake-up socket must share it.
+    ctx: zmq::Context,
+    /// The socket's `ZMQ_RCVTIMEO` as last set, in ms (-1: forever).
+    rcvtimeo: i32,
 }
 
-/// A waker that writes to an eventfd, so a thread blocked in `zmq_poll`
-/// learns that a discovery command is waiting. It owns the descriptor: a
-/// clone of the waker left in the command channel keeps it open.
-struct EventFdWaker(OwnedFd);
+/// The whole frame of a wake-up: it starts with a NUL, which no channel's
+/// subject does, so it cannot be mistaken for (or filtered in with) an
+/// envelope.
+const WAKE: &[u8] = b"\0eventplane-wake";
 
-impl Wake for EventFdWaker {
+/// Wakes a thread blocked in the SUB socket's own `recv` when a discovery
+/// command is waiting: it sends [`WAKE`] from a PUB socket bound on
+/// `inproc://` to which the SUB socket is connected.
+///
+/// Why a message and not an eventfd beside the socket: waiting on two
+/// descriptors needs `zmq_poll`, which costs three to four system calls per
+/// message more than a blocking `recv` (a `poll(0)` first pass, a
+/// `ZMQ_EVENTS` check before and after, and the failing `recv` that finds
+/// the socket empty). A blocking `recv` is exactly what a raw libzmq
+/// subscriber does, wake-ups included. The waker may be called from any
+/// thread: the mutex gives the socket the full barrier libzmq asks for
+/// between threads.
+struct ControlWaker(Mutex<zmq::Socket>);
+
+impl Wake for ControlWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to the descriptor this
-        // waker owns. A failed write (counter saturated) leaves it readable.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let socket = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A full pipe means wake-ups are already waiting: nothing is lost.
+        let _ = socket.send(WAKE, zmq::DONTWAIT);
     }
 }
+
+/// Names of the wake-up endpoints, unique in the process (and so in any
+/// context).
+static WAKE_ENDPOINTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Stops the discovery watcher when the subscriber is dropped.
 struct Guard(tokio::task::JoinHandle<()>);
@@ -168,6 +190,8 @@ pub async fn subscribe_to(
         log: LogOnce::default(),
         channel: channel.clone(),
         wake: None,
+        ctx: ctx.clone(),
+        rcvtimeo: -1,
     };
     Ok(RawSubscriber::new(
         channel.clone(),
@@ -303,52 +327,17 @@ impl ZmqSource {
                 self.drained = true;
                 break;
             }
-            let mut size = msg.len();
-            let mut frames = 1;
-            // Ours are single frames; read and discard the rest of anything else.
-            let mut more = msg.get_more();
-            while more {
-                let mut part = zmq::Message::new();
-                if self.sub.recv(&mut part, 0).is_err() {
-                    break;
-                }
-                size += part.len();
-                frames += 1;
-                more = part.get_more();
-            }
-            SourceCounters::bump(&self.counters.frames);
-            self.counters
-                .bytes
-                .fetch_add(size as u64, Ordering::Relaxed);
-            if frames != 1 || !msg.starts_with(&self.prefix) {
-                SourceCounters::bump(&self.counters.bad_framing);
-                if self.log.first("bad_framing") {
-                    let head = String::from_utf8_lossy(&msg[..msg.len().min(64)]).into_owned();
-                    tracing::warn!(
-                        channel = %self.channel, frames, head, bytes = size,
-                        "message with bad framing dropped: expected one frame, subject NUL envelope (further ones are counted, not logged)"
-                    );
-                }
+            let Some(msg) = self.accept(msg) else {
                 continue;
-            }
-            let envelope_len = msg.len() - self.prefix.len();
-            if envelope_len > self.max_bytes {
-                SourceCounters::bump(&self.counters.oversized);
-                if self.log.first("oversized") {
-                    tracing::warn!(
-                        channel = %self.channel, bytes = envelope_len, limit = self.max_bytes,
-                        "oversized message dropped (further ones are counted, not logged)"
-                    );
-                }
-                continue;
-            }
-            if envelope_len > COPY_BELOW {
+            };
+            let envelope = &msg[self.prefix.len()..];
+            if envelope.len() > COPY_BELOW {
                 batch.push(Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..));
             } else {
                 // Small envelopes share one buffer per batch: one allocation
                 // for many messages instead of one each.
-                small.push((batch.len(), arena.len(), envelope_len));
-                arena.extend_from_slice(&msg[self.prefix.len()..]);
+                small.push((batch.len(), arena.len(), envelope.len()));
+                arena.extend_from_slice(envelope);
                 batch.push(Bytes::new());
             }
         }
@@ -359,6 +348,79 @@ impl ZmqSource {
             }
         }
         (!batch.is_empty()).then_some(batch)
+    }
+
+    /// Checks a message just received (reading the rest of it if it has
+    /// more frames) and counts it: the message if it is one of ours, `None`
+    /// if it was dropped (counted, logged once) or was a [`WAKE`].
+    fn accept(&mut self, msg: zmq::Message) -> Option<zmq::Message> {
+        if &msg[..] == WAKE {
+            return None;
+        }
+        let mut size = msg.len();
+        let mut frames = 1;
+        // Ours are single frames; read and discard the rest of anything else.
+        let mut more = msg.get_more();
+        while more {
+            let mut part = zmq::Message::new();
+            if self.sub.recv(&mut part, 0).is_err() {
+                break;
+            }
+            size += part.len();
+            frames += 1;
+            more = part.get_more();
+        }
+        SourceCounters::bump(&self.counters.frames);
+        self.counters
+            .bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        if frames != 1 || !msg.starts_with(&self.prefix) {
+            SourceCounters::bump(&self.counters.bad_framing);
+            if self.log.first("bad_framing") {
+                let head = String::from_utf8_lossy(&msg[..msg.len().min(64)]).into_owned();
+                tracing::warn!(
+                    channel = %self.channel, frames, head, bytes = size,
+                    "message with bad framing dropped: expected one frame, subject NUL envelope (further ones are counted, not logged)"
+                );
+            }
+            return None;
+        }
+        let envelope_len = msg.len() - self.prefix.len();
+        if envelope_len > self.max_bytes {
+            SourceCounters::bump(&self.counters.oversized);
+            if self.log.first("oversized") {
+                tracing::warn!(
+                    channel = %self.channel, bytes = envelope_len, limit = self.max_bytes,
+                    "oversized message dropped (further ones are counted, not logged)"
+                );
+            }
+            return None;
+        }
+        Some(msg)
+    }
+
+    /// The waker of blocking receives, made on first use: a PUB socket
+    /// bound on a fresh `inproc://` endpoint, which the SUB socket
+    /// subscribes to [`WAKE`] from.
+    fn blocking_waker(&mut self) -> Result<Waker, zmq::Error> {
+        if let Some(waker) = &self.wake {
+            return Ok(waker.clone());
+        }
+        let n = WAKE_ENDPOINTS.fetch_add(1, Ordering::Relaxed);
+        let endpoint = format!("inproc://eventplane-wake-{}-{n}", std::process::id());
+        let control = self.ctx.socket(zmq::PUB)?;
+        control.set_linger(0)?;
+        // Wake-ups beyond a few are redundant; a full pipe drops them.
+        control.set_sndhwm(16)?;
+        control.bind(&endpoint)?;
+        // Subscribe before connecting: the subscription then travels with
+        // the connection, and the PUB side applies it before it filters its
+        // first wake-up.
+        self.sub.set_subscribe(WAKE)?;
+        self.sub.connect(&endpoint)?;
+        let waker = Waker::from(Arc::new(ControlWaker(Mutex::new(control))));
+        self.wake = Some(waker.clone());
+        Ok(waker)
     }
 }
 
@@ -425,28 +487,19 @@ impl FrameSource for ZmqSource {
         &self.counters
     }
 
-    /// Blocks in `zmq_poll` on the socket and on an eventfd that discovery
-    /// commands ring: a message wakes this thread directly, as it wakes a
-    /// raw libzmq subscriber, and a publisher found in discovery is
-    /// connected at once, without periodic wake-ups.
+    /// Blocks in the SUB socket's own `recv`, as a raw libzmq subscriber
+    /// does, and hands over each envelope as soon as it has it (the next
+    /// call takes the next one without a system call while the socket holds
+    /// more). Discovery commands wake it with a message on the socket itself
+    /// ([`ControlWaker`]), so a publisher found in discovery is connected at
+    /// once, without periodic wake-ups.
     fn wait_next(&mut self, timeout: Duration) -> Result<Option<SourceItem>, TimedOut> {
         let mut deadline = Deadline::after(timeout);
-        let (fd, waker) = match &self.wake {
-            Some((fd, waker)) => (*fd, waker.clone()),
-            None => {
-                // SAFETY: plain syscall; the result is checked.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-                if fd < 0 {
-                    tracing::error!(channel = %self.channel, error = %std::io::Error::last_os_error(), "cannot create an eventfd for a blocking receive; the subscriber stops");
-                    return Ok(None);
-                }
-                // SAFETY: `fd` is a new descriptor that nothing else owns.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                // The waker owns the descriptor; `self.wake` keeps a clone of
-                // the waker, so `fd` stays open while this source uses it.
-                let waker = Waker::from(Arc::new(EventFdWaker(owned)));
-                self.wake = Some((fd, waker.clone()));
-                (fd, waker)
+        let waker = match self.blocking_waker() {
+            Ok(waker) => waker,
+            Err(e) => {
+                tracing::error!(channel = %self.channel, error = %e, "cannot set up blocking receives on the zmq socket; the subscriber stops");
+                return Ok(None);
             }
         };
         let mut cx = Context::from_waker(&waker);
@@ -457,37 +510,35 @@ impl FrameSource for ZmqSource {
                     return Ok(Some(SourceItem::Change(change)));
                 }
             }
-            // After a read that emptied the socket, go straight to
-            // `zmq_poll` (it checks for waiting messages before it sleeps):
-            // another `recv` would only fail, at the cost of a system call.
-            if !self.drained {
-                if let Some(batch) = self.read_batch() {
-                    return Ok(Some(SourceItem::Batch(batch)));
-                }
-            }
             let left = deadline.left();
-            if left.is_zero() {
-                return Err(TimedOut);
-            }
-            let mut items = [
-                self.sub.as_poll_item(zmq::POLLIN),
-                zmq::PollItem::from_fd(fd, zmq::POLLIN),
-            ];
-            // Round up, so a sub-millisecond remainder waits instead of spinning.
-            let ms = left.as_micros().div_ceil(1000).min(i64::MAX as u128) as i64;
-            if let Err(e) = zmq::poll(&mut items, ms) {
-                if e != zmq::Error::EINTR {
-                    tracing::error!(channel = %self.channel, error = %e, "zmq subscriber cannot wait on its socket; it stops");
+            // Round up, so a sub-millisecond remainder waits instead of
+            // spinning; 0 only when the time is up (one last look).
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            if ms != self.rcvtimeo {
+                if let Err(e) = self.sub.set_rcvtimeo(ms) {
+                    tracing::error!(channel = %self.channel, error = %e, "cannot set the zmq socket's receive timeout; the subscriber stops");
                     return Ok(None);
                 }
+                self.rcvtimeo = ms;
             }
-            if items[0].is_readable() {
-                self.drained = false;
-            }
-            if items[1].is_readable() {
-                let mut count = 0u64;
-                // SAFETY: reads 8 bytes into a valid u64 (resets the eventfd).
-                unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
+            let mut msg = zmq::Message::new();
+            match self.sub.recv(&mut msg, 0) {
+                Ok(()) => {
+                    if let Some(msg) = self.accept(msg) {
+                        let frame = if msg.len() - self.prefix.len() > COPY_BELOW {
+                            Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..)
+                        } else {
+                            Bytes::copy_from_slice(&msg[self.prefix.len()..])
+                        };
+                        return Ok(Some(SourceItem::Frame(frame)));
+                    }
+                }
+                Err(zmq::Error::EAGAIN) if ms == 0 => return Err(TimedOut),
+                Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(channel = %self.channel, error = %e, "zmq subscriber cannot receive; it stops");
+                    return Ok(None);
+                }
             }
         }
     }

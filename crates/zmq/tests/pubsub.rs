@@ -264,6 +264,8 @@ async fn a_blocking_receiver_on_its_own_thread_joins_and_receives() {
         .await
         .unwrap();
     assert_eq!(sub.stats().sequence.lost, 0);
+    // The wake-ups that discovery sent through the socket are not traffic.
+    assert_eq!(sub.stats().bad_framing, 0);
 
     // Back to async receiving: the socket's reactor registration returns.
     p.publish_bytes(b"after").unwrap();
