@@ -658,35 +658,20 @@ where
 {
     raw.clear();
     active.clear();
-    let mut keys = Ahead::new(seqs);
-    // Blocks every worker in `holding` / `active` holds.
-    let mut depth = 0u32;
     if let [table] = tables {
         // One table (up to 64 ranks): the common case, kept branch-light.
-        let mut holding = u64::MAX;
-        let locate = |key| {
-            let home = table.home(key);
-            table.prefetch_bucket(home);
-            home
-        };
-        while let Some((key, home)) = keys.key(depth as usize, locate) {
-            let still = table.get_from(key, home) & holding;
-            if still != holding {
-                if depth > 0 {
-                    record(raw, 0, holding & !still, depth);
-                }
-                holding = still;
-                if holding == 0 {
-                    return;
-                }
-            }
-            depth += 1;
+        #[cfg(target_arch = "x86_64")]
+        if table.has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { walk_one_avx2(table, seqs, raw) };
+            return;
         }
-        if depth > 0 {
-            record(raw, 0, holding, depth);
-        }
+        walk_one(table, seqs, raw, |key, home| table.get_from(key, home));
         return;
     }
+    let mut keys = Ahead::new(seqs);
+    // Blocks every worker in `active` holds.
+    let mut depth = 0u32;
     for t in 0..tables.len() {
         active.push((t as u32, u64::MAX));
     }
@@ -718,6 +703,57 @@ where
             record(raw, t, holding, depth);
         }
     }
+}
+
+/// [`walk`] over a single table, reading holders with `get`.
+#[inline(always)]
+fn walk_one<I, G>(table: &Table, seqs: I, raw: &mut Vec<(u32, u32)>, get: G)
+where
+    I: Iterator<Item = SeqHash>,
+    G: Fn(u64, usize) -> u64,
+{
+    let mut keys = Ahead::new(seqs);
+    // Blocks every worker in `holding` holds.
+    let mut depth = 0u32;
+    let mut holding = u64::MAX;
+    let locate = |key| {
+        let home = table.home(key);
+        table.prefetch_bucket(home);
+        home
+    };
+    while let Some((key, home)) = keys.key(depth as usize, locate) {
+        let still = get(key, home) & holding;
+        if still != holding {
+            if depth > 0 {
+                record(raw, 0, holding & !still, depth);
+            }
+            holding = still;
+            if holding == 0 {
+                return;
+            }
+        }
+        depth += 1;
+    }
+    if depth > 0 {
+        record(raw, 0, holding, depth);
+    }
+}
+
+/// [`walk_one`] compiled for AVX2, probing with [`Table::get_from_avx2`].
+///
+/// # Safety
+///
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn walk_one_avx2<I>(table: &Table, seqs: I, raw: &mut Vec<(u32, u32)>)
+where
+    I: Iterator<Item = SeqHash>,
+{
+    // SAFETY: this function only runs on CPUs with AVX2.
+    walk_one(table, seqs, raw, |key, home| unsafe {
+        table.get_from_avx2(key, home)
+    });
 }
 
 /// Turns dense numbers into workers.

@@ -8,7 +8,7 @@
 //! probe); `left-right` keeps two copies (twice the memory) and makes the
 //! writer wait for readers; general lock-free maps (`papaya`, `scc`) pay for
 //! many writers with larger entries and slower inserts. With a single writer,
-//! open addressing over pairs of atomics is enough, in safe code:
+//! open addressing over pairs of atomics is enough:
 //!
 //! - A slot is `(key, holders)`. A key, once written into a slot, never
 //!   changes for the life of the table, so a reader that finds its key in a
@@ -22,9 +22,13 @@
 //!   table into a fresh allocation (growing or shrinking it) and swaps it in;
 //!   readers still holding the old table finish on it unharmed, and it is
 //!   freed when the last of them lets go (`arc-swap` in the index does that).
-//! - Slots come in buckets of four, one cache line each; probing is linear
-//!   over buckets. The table is never more than [`MAX_LOAD`] full, so every
-//!   probe sequence ends at a bucket with an empty slot.
+//! - Slots come in buckets of four, one cache line each (the four keys,
+//!   then the four holder sets); probing is linear over buckets. The table
+//!   is never more than [`MAX_LOAD`] full, so every probe sequence ends at a
+//!   bucket with an empty slot.
+//! - On x86-64 with AVX2, readers compare a bucket's four keys in one
+//!   instruction ([`Table::get_from_avx2`]); nothing in the rules above
+//!   depends on the four being read at one instant, only each one whole.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,23 +54,21 @@ pub(crate) fn slot_key(seq: u64) -> u64 {
     }
 }
 
-#[derive(Default)]
-#[repr(C)]
-struct Slot {
-    key: AtomicU64,
-    holders: AtomicU64,
-}
-
 /// Slots per bucket: one 64-byte cache line.
 const BUCKET: usize = 4;
 
-/// Four slots in one cache line. A lookup compares all four keys without
-/// branching on each, and moves to the next bucket only when this one is
-/// full and does not hold the key; so most lookups read one line and take
-/// one predictable branch.
+/// Four slots in one cache line: the four keys first, then the four holder
+/// sets, so that one 32-byte load brings all the keys (see
+/// [`Table::get_from`]). A lookup compares all four keys without branching
+/// on each, and moves to the next bucket only when this one is full and does
+/// not hold the key; so most lookups read one line and take one predictable
+/// branch.
 #[derive(Default)]
 #[repr(C, align(64))]
-struct Bucket([Slot; BUCKET]);
+struct Bucket {
+    keys: [AtomicU64; BUCKET],
+    holders: [AtomicU64; BUCKET],
+}
 
 /// The bucket array: all zeros (every slot empty) when allocated.
 ///
@@ -185,6 +187,8 @@ pub(crate) struct Table {
     seed: u64,
     /// Whether [`Table::prefetch_for_write`] can use PREFETCHW.
     prefetchw: bool,
+    /// Whether [`Table::get_from_avx2`] may run.
+    avx2: bool,
 }
 
 /// Where [`Table::find_or_claim`] put a key.
@@ -205,6 +209,10 @@ impl Table {
             prefetchw: has_prefetchw(),
             #[cfg(not(target_arch = "x86_64"))]
             prefetchw: false,
+            #[cfg(target_arch = "x86_64")]
+            avx2: std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            avx2: false,
         }
     }
 
@@ -233,9 +241,16 @@ impl Table {
         ((u128::from(mixed) * self.buckets.len() as u128) >> 64) as usize
     }
 
+    /// The key of slot `i`.
     #[inline]
-    fn slot(&self, i: usize) -> &Slot {
-        &self.buckets[i / BUCKET].0[i % BUCKET]
+    fn key_at(&self, i: usize) -> &AtomicU64 {
+        &self.buckets[i / BUCKET].keys[i % BUCKET]
+    }
+
+    /// The holders of slot `i`.
+    #[inline]
+    fn holders_cell(&self, i: usize) -> &AtomicU64 {
+        &self.buckets[i / BUCKET].holders[i % BUCKET]
     }
 
     /// Probes for `key`: `Ok(slot)` where it is, or `Err(slot)` for the
@@ -259,8 +274,8 @@ impl Table {
             // would be mispredicted on most lookups.
             let mut hits = 0u32;
             let mut empties = 0u32;
-            for (j, slot) in self.buckets[b].0.iter().enumerate() {
-                let k = slot.key.load(order);
+            for (j, k) in self.buckets[b].keys.iter().enumerate() {
+                let k = k.load(order);
                 hits |= u32::from(k == key) << j;
                 empties |= u32::from(k == EMPTY) << j;
             }
@@ -338,8 +353,73 @@ impl Table {
     #[inline]
     pub(crate) fn get_from(&self, key: u64, home: usize) -> u64 {
         match self.probe_from(key, home, Ordering::Acquire) {
-            Ok(i) => self.slot(i).holders.load(Ordering::Acquire),
+            Ok(i) => self.holders_cell(i).load(Ordering::Acquire),
             Err(_) => 0,
+        }
+    }
+
+    /// Whether this CPU can run [`Table::get_from_avx2`].
+    #[inline]
+    pub(crate) fn has_avx2(&self) -> bool {
+        self.avx2
+    }
+
+    /// [`Table::get_from`], comparing a bucket's four keys with one AVX2
+    /// comparison instead of four: a lookup spends most of its time probing
+    /// one bucket per block, and this cuts the instructions of a probe by
+    /// about half. Same answers as [`Table::get_from`].
+    ///
+    /// The four keys are read with one 32-byte load written in assembly,
+    /// outside Rust's memory model, while the writer may store into them:
+    /// x86 reads each aligned 8-byte element of such a load atomically, which
+    /// is all a reader needs (it never relies on two keys being read at the
+    /// same instant; see the module docs). A compiler fence then keeps the
+    /// holders' load after the keys', as an `Acquire` load of the key would.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX2 ([`Table::has_avx2`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn get_from_avx2(&self, key: u64, home: usize) -> u64 {
+        use std::arch::x86_64::{
+            __m256i, _mm256_castsi256_pd, _mm256_cmpeq_epi64, _mm256_movemask_pd,
+            _mm256_set1_epi64x, _mm256_setzero_si256,
+        };
+        let want = _mm256_set1_epi64x(key as i64);
+        let n = self.buckets.len();
+        let mut b = home;
+        loop {
+            let bucket = &self.buckets[b];
+            let keys: __m256i;
+            // SAFETY: reads the 32 bytes of this bucket's keys, which are
+            // aligned to 64 (the bucket's alignment) and live while `self`
+            // does; the CPU has AVX (implied by AVX2). See above for why a
+            // racing atomic store is harmless.
+            unsafe {
+                std::arch::asm!(
+                    "vmovdqa {keys}, ymmword ptr [{p}]",
+                    keys = out(ymm_reg) keys,
+                    p = in(reg) bucket.keys.as_ptr(),
+                    options(nostack, preserves_flags, readonly),
+                );
+            }
+            std::sync::atomic::compiler_fence(Ordering::Acquire);
+            let hits =
+                _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(keys, want))) as u32;
+            if hits != 0 {
+                return bucket.holders[hits.trailing_zeros() as usize].load(Ordering::Acquire);
+            }
+            const _: () = assert!(EMPTY == 0, "empty slots are compared with zeros");
+            let empty = _mm256_cmpeq_epi64(keys, _mm256_setzero_si256());
+            if _mm256_movemask_pd(_mm256_castsi256_pd(empty)) != 0 {
+                return 0;
+            }
+            b += 1;
+            if b == n {
+                b = 0;
+            }
         }
     }
 
@@ -356,9 +436,8 @@ impl Table {
         match self.probe(key, Ordering::Relaxed) {
             Ok(i) => Place::Found(i),
             Err(i) => {
-                let slot = self.slot(i);
-                slot.holders.store(0, Ordering::Relaxed);
-                slot.key.store(key, Ordering::Release);
+                self.holders_cell(i).store(0, Ordering::Relaxed);
+                self.key_at(i).store(key, Ordering::Release);
                 Place::Claimed(i)
             }
         }
@@ -367,22 +446,25 @@ impl Table {
     /// Holders of slot `i`. Writer only (it reads its own writes).
     #[inline]
     pub(crate) fn holders_at(&self, i: usize) -> u64 {
-        self.slot(i).holders.load(Ordering::Relaxed)
+        self.holders_cell(i).load(Ordering::Relaxed)
     }
 
     /// Sets the holders of slot `i`. Writer only.
     #[inline]
     pub(crate) fn set_holders_at(&self, i: usize, holders: u64) {
-        self.slot(i).holders.store(holders, Ordering::Release);
+        self.holders_cell(i).store(holders, Ordering::Release);
     }
 
     /// Every claimed slot: `(slot, key, holders)`, tombstones included.
     /// Writer only.
     pub(crate) fn claimed(&self) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
-        let slots = self.buckets.iter().flat_map(|b| b.0.iter());
-        slots.enumerate().filter_map(|(i, s)| {
-            let k = s.key.load(Ordering::Relaxed);
-            (k != EMPTY).then(|| (i, k, s.holders.load(Ordering::Relaxed)))
+        let slots = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.keys.iter().zip(b.holders.iter()));
+        slots.enumerate().filter_map(|(i, (k, h))| {
+            let k = k.load(Ordering::Relaxed);
+            (k != EMPTY).then(|| (i, k, h.load(Ordering::Relaxed)))
         })
     }
 
@@ -429,6 +511,33 @@ mod tests {
         }
         assert_eq!(r.claimed().count(), 99);
         assert_eq!(t.get(slot_key(0)), 0, "hash 0 is storable, and absent here");
+    }
+
+    #[test]
+    fn avx2_probe_answers_like_the_scalar_one() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        // A small table filled to its limit: long probe runs, wrap-around,
+        // tombstones, absent keys and key 0 (stored as its stand-in).
+        let t = Table::new(64, 7);
+        let mut used = 0;
+        let mut k = 0u64;
+        while !t.full_for(used) {
+            let Place::Claimed(i) = t.find_or_claim(slot_key(k * 0x9e37)) else {
+                panic!("fresh key {k} found")
+            };
+            t.set_holders_at(i, if k.is_multiple_of(3) { 0 } else { k + 1 });
+            used += 1;
+            k += 1;
+        }
+        for probe in 0..k + 50 {
+            let key = slot_key(probe * 0x9e37);
+            let home = t.home(key);
+            // SAFETY: AVX2 was detected above.
+            let fast = unsafe { t.get_from_avx2(key, home) };
+            assert_eq!(fast, t.get_from(key, home), "key {probe}");
+        }
     }
 
     #[test]
