@@ -26,6 +26,9 @@ const RELEASE_BATCH: usize = 512;
 /// Most confirmed envelopes forgotten per publish (see `Hold::remember`).
 const FORGET_PER_SEND: usize = 4;
 
+/// Bytes of envelope buffer allocated at a time (see `Hold::frame`).
+const ARENA_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 struct Hold {
     /// Envelopes go to `queue`, not the client: the connection is down, or
@@ -38,9 +41,28 @@ struct Hold {
     /// sent again, ahead of the hold: what died with the old connection
     /// arrives after all, and subscribers drop the duplicates.
     unconfirmed: VecDeque<(u64, Bytes)>,
+    /// Where envelopes are assembled, one after another.
+    arena: BytesMut,
 }
 
 impl Hold {
+    /// The envelope `head` + `payload` as one buffer, cut from a shared
+    /// arena. Every envelope is handed to the client and also kept in
+    /// `unconfirmed`; a buffer of its own would cost two allocations per
+    /// envelope (its bytes, then the shared header the first clone creates),
+    /// where a slice of an arena that is already shared costs neither: one
+    /// allocation per [`ARENA_BYTES`], and clones only count references.
+    fn frame(&mut self, head: &[u8], payload: &[u8]) -> Bytes {
+        let len = head.len() + payload.len();
+        if self.arena.capacity() < len {
+            // The rest of the old arena lives as long as its envelopes do.
+            self.arena = BytesMut::with_capacity(ARENA_BYTES.max(len));
+        }
+        self.arena.extend_from_slice(head);
+        self.arena.extend_from_slice(payload);
+        self.arena.split().freeze()
+    }
+
     /// Records `frame`, sent in `epoch`, and forgets what is confirmed: a
     /// few entries per call, so that freeing a confirmation's worth of
     /// envelopes (thousands every 50 ms at high rates) is spread over the
@@ -97,11 +119,8 @@ impl FrameSink for NatsSink {
                 s.subject
             )));
         }
-        let mut frame = BytesMut::with_capacity(len);
-        frame.extend_from_slice(head);
-        frame.extend_from_slice(payload);
-        let frame = frame.freeze();
         let mut hold = s.hold.lock().unwrap_or_else(|p| p.into_inner());
+        let frame = hold.frame(head, payload);
         if !hold.active && s.client.connection_state() != State::Connected {
             hold.active = true;
             s.held.notify_one();
