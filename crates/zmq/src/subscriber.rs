@@ -439,7 +439,7 @@ impl FrameSource for ZmqSource {
             }
             if self.signal.is_none() {
                 // Back from blocking receives: register again, and read
-                // before waiting (`zmq_poll` may have consumed the signal).
+                // before waiting (a blocking `recv` may have consumed the signal).
                 match register_signal(&self.sub) {
                     Ok(signal) => {
                         self.signal = Some(signal);

@@ -661,7 +661,7 @@ where
     if let [table] = tables {
         // One table (up to 64 ranks): the common case, kept branch-light.
         #[cfg(target_arch = "x86_64")]
-        if table.has_avx2() {
+        if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
             unsafe { walk_one_avx2(table, seqs, raw) };
             return;

@@ -59,7 +59,7 @@ const BUCKET: usize = 4;
 
 /// Four slots in one cache line: the four keys first, then the four holder
 /// sets, so that one 32-byte load brings all the keys (see
-/// [`Table::get_from`]). A lookup compares all four keys without branching
+/// [`Table::get_from_avx2`]). A lookup compares all four keys without branching
 /// on each, and moves to the next bucket only when this one is full and does
 /// not hold the key; so most lookups read one line and take one predictable
 /// branch.
@@ -187,8 +187,6 @@ pub(crate) struct Table {
     seed: u64,
     /// Whether [`Table::prefetch_for_write`] can use PREFETCHW.
     prefetchw: bool,
-    /// Whether [`Table::get_from_avx2`] may run.
-    avx2: bool,
 }
 
 /// Where [`Table::find_or_claim`] put a key.
@@ -209,10 +207,6 @@ impl Table {
             prefetchw: has_prefetchw(),
             #[cfg(not(target_arch = "x86_64"))]
             prefetchw: false,
-            #[cfg(target_arch = "x86_64")]
-            avx2: std::arch::is_x86_feature_detected!("avx2"),
-            #[cfg(not(target_arch = "x86_64"))]
-            avx2: false,
         }
     }
 
@@ -358,16 +352,10 @@ impl Table {
         }
     }
 
-    /// Whether this CPU can run [`Table::get_from_avx2`].
-    #[inline]
-    pub(crate) fn has_avx2(&self) -> bool {
-        self.avx2
-    }
-
     /// [`Table::get_from`], comparing a bucket's four keys with one AVX2
     /// comparison instead of four: a lookup spends most of its time probing
-    /// one bucket per block, and this cuts the instructions of a probe by
-    /// about half. Same answers as [`Table::get_from`].
+    /// one bucket per block (hot lookups of 128 and 512 blocks measured
+    /// ~25% faster with it). Same answers as [`Table::get_from`].
     ///
     /// The four keys are read with one 32-byte load written in assembly,
     /// outside Rust's memory model, while the writer may store into them:
@@ -378,7 +366,8 @@ impl Table {
     ///
     /// # Safety
     ///
-    /// The CPU must support AVX2 ([`Table::has_avx2`]).
+    /// The CPU must support AVX2 (`is_x86_feature_detected!("avx2")`, which
+    /// the standard library answers from a cached value).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     #[inline]
