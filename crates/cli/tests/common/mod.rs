@@ -318,7 +318,8 @@ pub async fn complete(client: &reqwest::Client, url: &str, prompt: &str) -> (u16
 }
 
 /// Waits for a frontend's `ready` line and for `workers` workers to have
-/// joined it: (its URL, their ids).
+/// joined it, both as routable workers and on its KV event stream: (its
+/// URL, their ids).
 pub fn frontend_with_workers(
     frontend: &Proc,
     workers: usize,
@@ -327,13 +328,23 @@ pub fn frontend_with_workers(
         .as_str()
         .expect("url in the ready line")
         .to_owned();
+    // Routable is not enough: a request answered before the frontend's KV
+    // subscriber has joined that worker's event stream stores blocks the
+    // router never hears of (they precede the stream it joined, so they are
+    // not a gap either). Wait for both.
     let mut joined = std::collections::HashSet::new();
-    while joined.len() < workers {
-        joined.insert(
-            frontend.until_type("worker_joined")["worker_id"]
-                .as_u64()
-                .expect("worker_id"),
+    let mut heard = std::collections::HashSet::new();
+    while joined.len() < workers || heard.len() < workers {
+        let line = frontend.until(
+            |l| l["type"] == "worker_joined" || l["type"] == "kv_events_joined",
+            |_| {},
         );
+        let id = line["worker_id"].as_u64().expect("worker_id");
+        if line["type"] == "worker_joined" {
+            joined.insert(id);
+        } else {
+            heard.insert(id);
+        }
     }
     (url, joined)
 }
