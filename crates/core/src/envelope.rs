@@ -123,6 +123,29 @@ pub fn unix_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// Nanoseconds since the Unix epoch, from the kernel's coarse clock: it
+/// advances once per scheduler tick (1–4 ms), and reading it costs a few ns
+/// instead of the 20–50 ns of a precise read on the 2-vCPU VMs measured
+/// here. For what needs only that precision once per message (when a
+/// subscriber last heard a publisher); elsewhere [`unix_nanos`].
+pub fn coarse_unix_nanos() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write to; the call has no
+        // other effect.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+            return (ts.tv_sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(ts.tv_nsec as u64);
+        }
+    }
+    unix_nanos()
+}
+
 /// Appends the encoded envelope to `out`.
 pub fn encode(header: &Header, subject: &str, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(48 + subject.len() + payload.len());

@@ -107,7 +107,15 @@ pub struct ZmqSource {
     ctx: zmq::Context,
     /// The socket's `ZMQ_RCVTIMEO` as last set, in ms (-1: forever).
     rcvtimeo: i32,
+    /// Where blocking receives copy small envelopes: a chunk of
+    /// [`ARENA_CHUNK`] bytes shared by the envelopes cut from it (freed when
+    /// the last of them is dropped), instead of an allocation each; one
+    /// `malloc` and `free` per message were ~4 % of the subscriber thread.
+    arena: bytes::BytesMut,
 }
+
+/// Size of the chunks [`ZmqSource::arena`] cuts small envelopes from.
+const ARENA_CHUNK: usize = 32 << 10;
 
 /// The whole frame of a wake-up: it starts with a NUL, which no channel's
 /// subject does, so it cannot be mistaken for (or filtered in with) an
@@ -192,6 +200,7 @@ pub async fn subscribe_to(
         wake: None,
         ctx: ctx.clone(),
         rcvtimeo: -1,
+        arena: bytes::BytesMut::new(),
     };
     Ok(RawSubscriber::new(
         channel.clone(),
@@ -525,10 +534,15 @@ impl FrameSource for ZmqSource {
             match self.sub.recv(&mut msg, 0) {
                 Ok(()) => {
                     if let Some(msg) = self.accept(msg) {
-                        let frame = if msg.len() - self.prefix.len() > COPY_BELOW {
+                        let envelope = &msg[self.prefix.len()..];
+                        let frame = if envelope.len() > COPY_BELOW {
                             Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..)
                         } else {
-                            Bytes::copy_from_slice(&msg[self.prefix.len()..])
+                            if self.arena.capacity() - self.arena.len() < envelope.len() {
+                                self.arena = bytes::BytesMut::with_capacity(ARENA_CHUNK);
+                            }
+                            self.arena.extend_from_slice(envelope);
+                            self.arena.split().freeze()
                         };
                         return Ok(Some(SourceItem::Frame(frame)));
                     }
