@@ -27,6 +27,12 @@ use std::collections::HashMap;
 
 use crate::envelope::{Header, Kind};
 
+/// Publisher ids → tracks, hashed with foldhash (seeded per process) rather
+/// than SipHash: one lookup per message, and the map is capped at
+/// `max_publishers` entries, so a sender choosing ids can lengthen a few
+/// probes at most. Measured in `benches/codec.rs` (`sequence/*`).
+type Tracks = HashMap<u64, Track, foldhash::fast::RandomState>;
+
 /// How many recent sequence numbers per publisher are remembered, to tell late
 /// arrivals from duplicates.
 pub const WINDOW: u64 = 4096;
@@ -219,7 +225,7 @@ impl Track {
 /// The tracker: one per subscriber. See the module docs.
 #[derive(Debug)]
 pub struct SequenceTracker {
-    tracks: HashMap<u64, Track>,
+    tracks: Tracks,
     max_publishers: usize,
     counters: SequenceCounters,
 }
@@ -235,7 +241,7 @@ impl SequenceTracker {
     /// one heard from least recently is forgotten (and counted as evicted).
     pub fn new(max_publishers: usize) -> Self {
         Self {
-            tracks: HashMap::new(),
+            tracks: Tracks::default(),
             max_publishers: max_publishers.max(1),
             counters: SequenceCounters::default(),
         }
