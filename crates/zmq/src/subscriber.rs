@@ -513,25 +513,39 @@ impl FrameSource for ZmqSource {
         };
         let mut cx = Context::from_waker(&waker);
         self.signal = None;
+        // First a look without waiting: while messages stream in, each call
+        // takes one without starting the deadline's clock (a precise clock
+        // read per message was a visible share of this thread).
+        let mut looked = false;
         loop {
             while let Poll::Ready(Some(cmd)) = self.commands.poll_recv(&mut cx) {
                 if let Some(change) = self.apply(cmd) {
                     return Ok(Some(SourceItem::Change(change)));
                 }
             }
-            let left = deadline.left();
-            // Round up, so a sub-millisecond remainder waits instead of
-            // spinning; 0 only when the time is up (one last look).
-            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-            if ms != self.rcvtimeo {
-                if let Err(e) = self.sub.set_rcvtimeo(ms) {
-                    tracing::error!(channel = %self.channel, error = %e, "cannot set the zmq socket's receive timeout; the subscriber stops");
-                    return Ok(None);
+            // `None`: the first look, not waiting.
+            let wait_ms = if looked {
+                // Round up, so a sub-millisecond remainder waits instead of
+                // spinning; 0 only when the time is up (one last look).
+                let ms = deadline
+                    .left()
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(i32::MAX as u128) as i32;
+                if ms != self.rcvtimeo {
+                    if let Err(e) = self.sub.set_rcvtimeo(ms) {
+                        tracing::error!(channel = %self.channel, error = %e, "cannot set the zmq socket's receive timeout; the subscriber stops");
+                        return Ok(None);
+                    }
+                    self.rcvtimeo = ms;
                 }
-                self.rcvtimeo = ms;
-            }
+                Some(ms)
+            } else {
+                None
+            };
+            let flags = if wait_ms.is_some() { 0 } else { zmq::DONTWAIT };
             let mut msg = zmq::Message::new();
-            match self.sub.recv(&mut msg, 0) {
+            match self.sub.recv(&mut msg, flags) {
                 Ok(()) => {
                     if let Some(msg) = self.accept(msg) {
                         let envelope = &msg[self.prefix.len()..];
@@ -547,7 +561,8 @@ impl FrameSource for ZmqSource {
                         return Ok(Some(SourceItem::Frame(frame)));
                     }
                 }
-                Err(zmq::Error::EAGAIN) if ms == 0 => return Err(TimedOut),
+                Err(zmq::Error::EAGAIN) if wait_ms.is_none() => looked = true,
+                Err(zmq::Error::EAGAIN) if wait_ms == Some(0) => return Err(TimedOut),
                 Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {}
                 Err(e) => {
                     tracing::error!(channel = %self.channel, error = %e, "zmq subscriber cannot receive; it stops");
