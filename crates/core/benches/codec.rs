@@ -1,9 +1,14 @@
-//! Hot paths of the core: encoding and decoding an envelope, and sequence
-//! tracking. `cargo bench -p eventplane-core`.
+//! Hot paths of the core: encoding and decoding an envelope, sequence
+//! tracking, and a subscriber's whole receive path over a transport that has
+//! envelopes ready. `cargo bench -p eventplane-core`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eventplane_core::envelope::{decode, encode, Header, Kind};
-use eventplane_core::SequenceTracker;
+use eventplane_core::queue::{Deadline, FrameSource, SourceCounters, SourceItem, TimedOut};
+use eventplane_core::{Event, RawSubscriber, Scope, SequenceTracker};
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 fn header(seq: u64) -> Header {
     Header {
@@ -67,5 +72,79 @@ fn tracking(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, tracking);
+/// A transport with envelopes ready, handed over one per blocking wait, as
+/// the ZMQ transport does while messages stream in.
+struct Ready {
+    frames: VecDeque<bytes::Bytes>,
+    counters: SourceCounters,
+}
+
+impl FrameSource for Ready {
+    fn poll_next(&mut self, _: &mut Context<'_>) -> Poll<Option<SourceItem>> {
+        Poll::Ready(self.try_next())
+    }
+    fn try_next(&mut self) -> Option<SourceItem> {
+        self.frames.pop_front().map(SourceItem::Frame)
+    }
+    fn counters(&self) -> &SourceCounters {
+        &self.counters
+    }
+    fn wait_next(&mut self, _: &mut Deadline) -> Result<Option<SourceItem>, TimedOut> {
+        Ok(self.try_next())
+    }
+}
+
+/// `RawSubscriber::recv_blocking` per message: what eventplane adds on the
+/// receiving thread to what the socket costs (decoding, sequence tracking,
+/// the event), for envelopes cut from a shared buffer as the ZMQ transport
+/// cuts small ones.
+fn receiving(c: &mut Criterion) {
+    const N: u64 = 1_000;
+    let channel = Scope::new("dynamo", "backend")
+        .unwrap()
+        .channel("kv-events")
+        .unwrap();
+    let mut group = c.benchmark_group("subscriber");
+    for size in [100usize, 4096] {
+        let payload = vec![0xab; size];
+        let mut arena = bytes::BytesMut::new();
+        let mut frame = Vec::new();
+        let frames: VecDeque<bytes::Bytes> = (1..=N)
+            .map(|seq| {
+                frame.clear();
+                encode(&header(seq), channel.subject(), &payload, &mut frame);
+                arena.extend_from_slice(&frame);
+                arena.split().freeze()
+            })
+            .collect();
+        group.throughput(Throughput::Elements(N));
+        group.bench_function(BenchmarkId::new("recv_blocking", size), |b| {
+            b.iter_batched(
+                || {
+                    let source = Ready {
+                        frames: frames.clone(),
+                        counters: SourceCounters::default(),
+                    };
+                    RawSubscriber::new(channel.clone(), Box::new(source), Box::new(()))
+                },
+                |mut sub| {
+                    let mut bytes = 0;
+                    for _ in 0..N {
+                        if let Ok(Some(Event::Message(m))) =
+                            sub.recv_blocking(Duration::from_secs(1))
+                        {
+                            bytes += m.payload.len();
+                        }
+                    }
+                    black_box(bytes);
+                    sub
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, codec, tracking, receiving);
 criterion_main!(benches);

@@ -112,16 +112,22 @@ pub trait FrameSource: Send + 'static {
     /// The transport's counters.
     fn counters(&self) -> &SourceCounters;
 
-    /// Blocks the calling thread until the next item, for at most `timeout`:
-    /// `Ok(None)` once the transport has shut down, `Err(TimedOut)` if
-    /// nothing came in time. For a subscriber that has a thread of its own.
+    /// Blocks the calling thread until the next item, at the latest until
+    /// `deadline`: `Ok(None)` once the transport has shut down,
+    /// `Err(TimedOut)` if nothing came in time. For a subscriber that has a
+    /// thread of its own. The deadline is passed unstarted when nothing has
+    /// been waited for yet: an item that is ready must be returned without
+    /// reading the clock (see [`Deadline`]).
     ///
     /// The default polls [`poll_next`](Self::poll_next) with a waker that
     /// unparks this thread. A transport whose input is a socket overrides it
     /// to block in the socket's own wait (the ZMQ transport does): one
     /// wake-up per message, with no reactor in between.
-    fn wait_next(&mut self, timeout: Duration) -> Result<Option<SourceItem>, TimedOut> {
-        let mut deadline = Deadline::after(timeout);
+    fn wait_next(&mut self, deadline: &mut Deadline) -> Result<Option<SourceItem>, TimedOut> {
+        // What is ready needs no waker (an allocation) and no clock.
+        if let Some(item) = self.try_next() {
+            return Ok(Some(item));
+        }
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
         let mut cx = Context::from_waker(&waker);
         loop {

@@ -9,7 +9,7 @@
 //! envelope, or a payload that does not decode into the expected type, is
 //! counted by kind, logged once with context, and skipped.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, VecDeque};
 use std::marker::PhantomData;
@@ -220,12 +220,22 @@ impl RawSubscriber {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Event<RawMessage>>, TimedOut> {
-        let mut deadline = Deadline::after(timeout);
+        self.recv_before(&mut Deadline::after(timeout))
+    }
+
+    /// [`recv_blocking`](Self::recv_blocking) with a deadline whose clock
+    /// starts only if something must be waited for: while messages stream
+    /// in, no call reads the clock (one read per message was ~20 ns of the
+    /// receiving thread's time at millions of messages a second).
+    fn recv_before(
+        &mut self,
+        deadline: &mut Deadline,
+    ) -> Result<Option<Event<RawMessage>>, TimedOut> {
         loop {
             if let Some(ev) = self.next_buffered() {
                 return Ok(Some(ev));
             }
-            match self.source.wait_next(deadline.left())? {
+            match self.source.wait_next(deadline)? {
                 Some(item) => self.absorb(item),
                 None => return Ok(None),
             }
@@ -241,7 +251,16 @@ impl RawSubscriber {
                 return Some(ev);
             }
             let frame = self.frames.pop_front()?;
-            self.absorb_frame(frame, self.frames_received_ns);
+            if let Some(ev) = self.absorb_frame(frame, self.frames_received_ns) {
+                // Notices about this envelope (a gap, a restart) go first;
+                // without any, the message skips the queue (its move in and
+                // out was ~4 % of this path: 99 → 95 ns per message in
+                // `cargo bench -p eventplane-core --bench codec -- subscriber`).
+                if self.pending.is_empty() {
+                    return Some(ev);
+                }
+                self.pending.push_back(ev);
+            }
         }
     }
 
@@ -290,10 +309,15 @@ impl RawSubscriber {
         }
     }
 
-    fn absorb_frame(&mut self, frame: Bytes, now: u64) {
+    /// Decodes and tracks one envelope: its notices join `pending`, and the
+    /// message, if it is to be delivered, is returned.
+    fn absorb_frame(&mut self, frame: Bytes, now: u64) -> Option<Event<RawMessage>> {
         let env = match envelope::decode(&frame) {
             Ok(env) => env,
-            Err(e) => return self.decode_failed(e, &frame),
+            Err(e) => {
+                self.decode_failed(e, &frame);
+                return None;
+            }
         };
         if env.subject != self.channel.subject() {
             self.wrong_subject += 1;
@@ -303,27 +327,33 @@ impl RawSubscriber {
                     "envelope for another subject dropped (further ones are counted, not logged)"
                 );
             }
-            return;
+            return None;
         }
         let header = env.header;
         let payload_range = offset_of(&frame, env.payload);
         let verdict = self.tracker.observe(&header, now, &mut self.notices);
         self.pending
             .extend(self.notices.drain(..).map(Event::Notice));
-        if let Verdict::Deliver { late } = verdict {
-            let meta = Meta {
-                publisher_id: header.publisher_id,
-                incarnation: header.incarnation,
-                seq: header.seq,
-                timestamp_ns: header.timestamp_ns,
-                received_ns: now,
-                late,
-            };
-            self.pending.push_back(Event::Message(RawMessage {
-                meta,
-                payload: frame.slice(payload_range),
-            }));
-        }
+        let Verdict::Deliver { late } = verdict else {
+            return None;
+        };
+        let meta = Meta {
+            publisher_id: header.publisher_id,
+            incarnation: header.incarnation,
+            seq: header.seq,
+            timestamp_ns: header.timestamp_ns,
+            received_ns: now,
+            late,
+        };
+        // The frame becomes the payload by moving its bounds: a slice would
+        // count a reference up, and dropping the frame count it down again,
+        // two atomic operations per message. (The payload is the last field;
+        // `truncate` only acts on envelopes with fields from a later version
+        // after it.)
+        let mut payload = frame;
+        payload.advance(payload_range.start);
+        payload.truncate(payload_range.len());
+        Some(Event::Message(RawMessage { meta, payload }))
     }
 
     fn decode_failed(&mut self, e: DecodeError, frame: &[u8]) {
@@ -408,7 +438,7 @@ impl<T: DeserializeOwned> Subscriber<T> {
     ) -> Result<Option<Event<Message<T>>>, TimedOut> {
         let mut deadline = Deadline::after(timeout);
         loop {
-            let Some(ev) = self.raw.recv_blocking(deadline.left())? else {
+            let Some(ev) = self.raw.recv_before(&mut deadline)? else {
                 return Ok(None);
             };
             if let Some(ev) = self.typed(ev) {

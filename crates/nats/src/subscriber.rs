@@ -33,53 +33,74 @@ struct NatsSource {
 }
 
 impl NatsSource {
-    /// Takes what is ready, up to a batch; registers the waker otherwise.
-    fn poll_batch(&mut self, cx: Option<&mut Context<'_>>) -> Poll<Option<Vec<Bytes>>> {
-        let mut batch = Vec::new();
+    /// Takes what is ready, up to a batch; registers the waker otherwise. A
+    /// lone message is handed over as a [`SourceItem::Frame`]: at moderate
+    /// rates most polls find one message, and a batch would cost it a `Vec`
+    /// allocation of its own.
+    fn poll_item(&mut self, cx: Option<&mut Context<'_>>) -> Poll<Option<SourceItem>> {
         let noop = std::task::Waker::noop();
         let mut noop_cx = Context::from_waker(noop);
         let cx = match cx {
             Some(cx) => cx,
             None => &mut noop_cx,
         };
-        while batch.len() < BATCH_MESSAGES {
+        let mut first: Option<Bytes> = None;
+        let mut batch: Vec<Bytes> = Vec::new();
+        for _ in 0..BATCH_MESSAGES {
             match Pin::new(&mut self.sub).poll_next(cx) {
                 Poll::Ready(Some(msg)) => {
-                    let len = msg.payload.len();
-                    SourceCounters::bump(&self.counters.frames);
-                    self.counters
-                        .bytes
-                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                    if len > self.max_bytes {
-                        SourceCounters::bump(&self.counters.oversized);
-                        if self.log.first("oversized") {
-                            tracing::warn!(channel = %self.channel, len, limit = self.max_bytes, "dropped an oversized message (counted; later ones are only counted)");
-                        }
+                    let Some(payload) = self.accept(msg.payload) else {
                         continue;
+                    };
+                    match first.take() {
+                        None if batch.is_empty() => first = Some(payload),
+                        earlier => {
+                            batch.extend(earlier);
+                            batch.push(payload);
+                        }
                     }
-                    batch.push(msg.payload);
                 }
-                Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) if first.is_none() && batch.is_empty() => {
+                    return Poll::Ready(None)
+                }
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        if batch.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(Some(batch))
+        match first {
+            Some(frame) => Poll::Ready(Some(SourceItem::Frame(frame))),
+            None if batch.is_empty() => Poll::Pending,
+            None => Poll::Ready(Some(SourceItem::Batch(batch))),
         }
+    }
+
+    /// Counts a received payload; `None` if it is too large (counted, logged
+    /// once).
+    fn accept(&mut self, payload: Bytes) -> Option<Bytes> {
+        let len = payload.len();
+        SourceCounters::bump(&self.counters.frames);
+        self.counters
+            .bytes
+            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        if len > self.max_bytes {
+            SourceCounters::bump(&self.counters.oversized);
+            if self.log.first("oversized") {
+                tracing::warn!(channel = %self.channel, len, limit = self.max_bytes, "dropped an oversized message (counted; later ones are only counted)");
+            }
+            return None;
+        }
+        Some(payload)
     }
 }
 
 impl FrameSource for NatsSource {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<SourceItem>> {
-        self.poll_batch(Some(cx)).map(|b| b.map(SourceItem::Batch))
+        self.poll_item(Some(cx))
     }
 
     fn try_next(&mut self) -> Option<SourceItem> {
-        match self.poll_batch(None) {
-            Poll::Ready(Some(b)) => Some(SourceItem::Batch(b)),
-            _ => None,
+        match self.poll_item(None) {
+            Poll::Ready(item) => item,
+            Poll::Pending => None,
         }
     }
 

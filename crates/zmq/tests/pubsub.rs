@@ -275,3 +275,83 @@ async fn a_blocking_receiver_on_its_own_thread_joins_and_receives() {
     )
     .await;
 }
+
+/// A blocking receiver kept busy by one publisher still follows discovery:
+/// a second publisher that appears mid-stream is connected to (the command
+/// queue is looked at again when its wake-up arrives through the socket,
+/// not for every message), and both streams arrive in order with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_blocking_receiver_joins_a_publisher_that_appears_mid_stream() {
+    let ctx = zmq::Context::new();
+    let discovery: Arc<dyn Discovery> = Arc::new(MemDiscovery::new());
+    let opts = ZmqOptions::default();
+    let ch = Scope::new("ns", "comp").unwrap().channel("busy").unwrap();
+    let sub = subscribe_to(&ctx, &discovery, &ch, &opts).await.unwrap();
+    let n = 2_000u64;
+
+    let (joined_tx, mut joined_rx) = tokio::sync::mpsc::unbounded_channel();
+    let receiver = std::thread::spawn(move || {
+        let mut sub = sub;
+        // Next expected sequence number per publisher (ids 1 and 2).
+        let mut expect = [1u64, 1u64];
+        while expect[1] <= n {
+            match sub.recv_blocking(WAIT).expect("an event within 10 s") {
+                Some(Event::Notice(Notice::Joined { publisher_id, .. })) => {
+                    let _ = joined_tx.send(publisher_id);
+                }
+                Some(Event::Message(m)) => {
+                    let k = (m.meta.publisher_id - 1) as usize;
+                    assert_eq!(m.meta.seq, expect[k], "publisher {}", k + 1);
+                    expect[k] += 1;
+                }
+                Some(Event::Notice(other)) => panic!("unexpected notice {other:?}"),
+                Some(Event::Discovery(_)) => {}
+                None => panic!("subscriber closed"),
+            }
+        }
+        (sub, expect)
+    });
+
+    let first = publish_on(&ctx, &*discovery, &ch, Identity::new(1), &opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, joined_rx.recv()).await.unwrap(),
+        Some(1)
+    );
+    // The first publisher streams until the receiver reports the second.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streaming = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                first.publish_bytes(&sent.to_le_bytes()).unwrap();
+                sent += 1;
+                if sent.is_multiple_of(64) {
+                    // Stay below the high-water marks: nothing may be lost.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            (first, sent)
+        }
+    });
+    let second = publish_on(&ctx, &*discovery, &ch, Identity::new(2), &opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, joined_rx.recv()).await.unwrap(),
+        Some(2)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_first, sent) = streaming.join().unwrap();
+    assert!(sent > 0);
+    for i in 0..n {
+        second.publish_bytes(&i.to_le_bytes()).unwrap();
+    }
+    let (sub, expect) = tokio::task::spawn_blocking(move || receiver.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(expect[1], n + 1);
+    assert_eq!(sub.stats().sequence.lost, 0);
+}

@@ -28,6 +28,12 @@
 //! percentile's median, so that a noisy moment of the machine does not land
 //! on one transport only.
 //!
+//! Each ratio to the baseline is given twice: the ratio of the medians, and
+//! the median of the paired ratios (each round of ours against the
+//! baseline's round run next to it). On a shared host whose speed drifts
+//! over minutes the second is the steadier: the halves of a pair see the
+//! same host.
+//!
 //! eventplane's subscriber receives, by default (`--receive auto`), over ZMQ
 //! on a thread of its own blocked in `recv_blocking`, as the raw libzmq
 //! baseline's blocks in `zmq_recv`; over NATS (and in process) with
@@ -249,6 +255,28 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             };
             rows[i]["throughput_vs_raw"] = ratio("sustained_msg_s");
             rows[i]["p99_vs_raw"] = ratio("p99_us");
+            // The same, round by round: each of ours against the baseline's
+            // round run right before or after it, then the median of those.
+            let rounds = |r: &serde_json::Value, k: &str, i: Option<usize>| -> Vec<f64> {
+                r[k].as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|x| match i {
+                                Some(i) => x[i].as_f64(),
+                                None => x.as_f64(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let paired = |k: &str, i: Option<usize>| {
+                paired_ratio(&rounds(&row, k, i), &rounds(&base, k, i))
+                    .map_or(serde_json::Value::Null, |x| {
+                        json!((x * 100.0).round() / 100.0)
+                    })
+            };
+            rows[i]["throughput_vs_raw_paired"] = paired("sustained_rounds", None);
+            rows[i]["p99_vs_raw_paired"] = paired("latency_rounds", Some(1));
         }
     }
     if a.json {
@@ -261,6 +289,21 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The median of `ours[k] / base[k]` over the rounds both have. Rounds of a
+/// transport and of its baseline run one right after the other, so a slow
+/// minute of the host lands on both halves of a pair; the ratio of medians
+/// (the table's other column) compares rounds minutes apart.
+fn paired_ratio(ours: &[f64], base: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .zip(base)
+        .filter(|(_, &b)| b > 0.0)
+        .map(|(&x, &b)| x / b)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied()
+}
+
 fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
     println!(
         "transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}",
@@ -270,9 +313,9 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
         rows.first().map(|r| r["hwm"].clone()).unwrap_or_default()
     );
     println!(
-        "| transport | procs | size B | sustained msg/s | vs raw | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw |"
+        "| transport | procs | size B | sustained msg/s | vs raw | paired | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw | paired |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::Number(n) => n
@@ -289,12 +332,13 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
     };
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             f(&r["transport"]),
             f(&r["processes"]),
             f(&r["size"]),
             f(&r["sustained_msg_s"]),
             f(&r["throughput_vs_raw"]),
+            f(&r["throughput_vs_raw_paired"]),
             f(&r["unpaced"]["offered_msg_s"]),
             f(&r["unpaced"]["received"]),
             f(&r["unpaced"]["lost"]),
@@ -304,6 +348,7 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
             f(&r["p99_us"]),
             f(&r["p99_9_us"]),
             f(&r["p99_vs_raw"]),
+            f(&r["p99_vs_raw_paired"]),
         );
     }
 }
