@@ -74,6 +74,21 @@ pub struct EnvelopeRef<'a> {
     pub payload: &'a [u8],
 }
 
+/// An envelope decoded but for its subject, which is left as bytes: what a
+/// subscriber needs, since it only compares the subject with its channel's
+/// (a subject equal to a `&str` is valid UTF-8; one that is not equal is
+/// dropped either way). Validating it was a fifth of [`decode`]'s
+/// instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEnvelopeRef<'a> {
+    /// The fixed fields.
+    pub header: Header,
+    /// The channel subject the publisher sent it on, not checked for UTF-8.
+    pub subject: &'a [u8],
+    /// The application payload (MessagePack for typed publishers).
+    pub payload: &'a [u8],
+}
+
 /// Why an envelope could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -172,6 +187,17 @@ pub fn encode_head(header: &Header, subject: &str, payload_len: usize, out: &mut
 
 /// Decodes an envelope, borrowing subject and payload from `buf`.
 pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
+    let raw = decode_raw(buf)?;
+    Ok(EnvelopeRef {
+        header: raw.header,
+        subject: std::str::from_utf8(raw.subject).map_err(|_| DecodeError::BadSubject)?,
+        payload: raw.payload,
+    })
+}
+
+/// Decodes an envelope as [`decode`] does, except that the subject is not
+/// checked for UTF-8 (see [`RawEnvelopeRef`]).
+pub fn decode_raw(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
     let mut rd = buf;
     let len = decode::read_array_len(&mut rd).map_err(|e| match e {
         ValueReadError::TypeMismatch(_) => DecodeError::NotAnArray,
@@ -198,12 +224,11 @@ pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
     };
     let subject_len =
         decode::read_str_len(&mut rd).map_err(|e| value_error(e, "subject"))? as usize;
-    let subject_bytes = take(&mut rd, subject_len, "subject")?;
-    let subject = std::str::from_utf8(subject_bytes).map_err(|_| DecodeError::BadSubject)?;
+    let subject = take(&mut rd, subject_len, "subject")?;
     let payload_len =
         decode::read_bin_len(&mut rd).map_err(|e| value_error(e, "payload"))? as usize;
     let payload = take(&mut rd, payload_len, "payload")?;
-    Ok(EnvelopeRef {
+    Ok(RawEnvelopeRef {
         header,
         subject,
         payload,
@@ -277,6 +302,19 @@ mod tests {
             b'.', b'c', b'.', b't', 0xc4, 0x01, 0xc0,
         ];
         assert_eq!(buf, expected);
+    }
+
+    #[test]
+    fn only_decode_checks_the_subject_for_utf8() {
+        let mut buf = Vec::new();
+        encode(&header(3), "ep.a.b.c", b"x", &mut buf);
+        let at = buf.windows(8).position(|w| w == b"ep.a.b.c").unwrap();
+        buf[at] = 0xff;
+        assert_eq!(decode(&buf), Err(DecodeError::BadSubject));
+        let raw = decode_raw(&buf).unwrap();
+        assert_eq!(raw.header, header(3));
+        assert_eq!(raw.subject, b"\xffp.a.b.c");
+        assert_eq!(raw.payload, b"x");
     }
 
     #[test]
