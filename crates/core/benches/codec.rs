@@ -1,11 +1,14 @@
 //! Hot paths of the core: encoding and decoding an envelope, sequence
-//! tracking, and a subscriber's whole receive path over a transport that has
-//! envelopes ready. `cargo bench -p eventplane-core`.
+//! tracking, a subscriber's whole receive path over a transport that has
+//! envelopes ready, and a publisher's over one that takes frames at once.
+//! `cargo bench -p eventplane-core`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eventplane_core::envelope::{decode, encode, Header, Kind};
 use eventplane_core::queue::{Deadline, FrameSource, SourceCounters, SourceItem, TimedOut};
-use eventplane_core::{Event, RawSubscriber, Scope, SequenceTracker};
+use eventplane_core::{
+    Event, FrameSink, Identity, Publisher, RawSubscriber, Scope, SendError, SequenceTracker,
+};
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -146,5 +149,43 @@ fn receiving(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, tracking, receiving);
+/// A transport that takes every frame at once and only counts its bytes.
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl FrameSink for Counting {
+    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+        self.0.fetch_add(
+            black_box(head).len() + black_box(payload).len(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+}
+
+/// `Publisher::publish_bytes` per message: what eventplane adds on the
+/// publishing thread to what the transport costs (the sequence number, the
+/// timestamp, the envelope's head).
+fn publishing(c: &mut Criterion) {
+    let channel = Scope::new("dynamo", "backend")
+        .unwrap()
+        .channel("kv-events")
+        .unwrap();
+    let mut group = c.benchmark_group("publisher");
+    for size in [100usize, 4096] {
+        let payload = vec![0xab; size];
+        let publisher = Publisher::new(
+            channel.clone(),
+            Identity::new(7),
+            1 << 20,
+            Box::new(Counting(Default::default())),
+        );
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new("publish_bytes", size), |b| {
+            b.iter(|| publisher.publish_bytes(black_box(&payload)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, codec, tracking, receiving, publishing);
 criterion_main!(benches);

@@ -130,12 +130,35 @@ impl DecodeError {
     }
 }
 
-/// Nanoseconds since the Unix epoch, now.
+/// Nanoseconds since the Unix epoch, now. On Linux read straight from
+/// `clock_gettime(CLOCK_REALTIME)`: through `SystemTime` the conversion's
+/// checks cost ~60 instructions more, a tenth of a publish.
 pub fn unix_nanos() -> u64 {
+    #[cfg(target_os = "linux")]
+    if let Some(ns) = clock_nanos(libc::CLOCK_REALTIME) {
+        return ns;
+    }
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// Nanoseconds of `clock` (a `CLOCK_REALTIME` variant, so since the Unix
+/// epoch); `None` if the kernel refuses.
+#[cfg(target_os = "linux")]
+fn clock_nanos(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; the call has no other
+    // effect.
+    (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then(|| {
+        (ts.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec as u64)
+    })
 }
 
 /// Nanoseconds since the Unix epoch, from the kernel's coarse clock: it
@@ -146,18 +169,8 @@ pub fn unix_nanos() -> u64 {
 /// elsewhere [`unix_nanos`].
 pub fn coarse_unix_nanos() -> u64 {
     #[cfg(target_os = "linux")]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid timespec to write to; the call has no
-        // other effect.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
-            return (ts.tv_sec as u64)
-                .saturating_mul(1_000_000_000)
-                .saturating_add(ts.tv_nsec as u64);
-        }
+    if let Some(ns) = clock_nanos(libc::CLOCK_REALTIME_COARSE) {
+        return ns;
     }
     unix_nanos()
 }
@@ -183,6 +196,64 @@ pub fn encode_head(header: &Header, subject: &str, payload_len: usize, out: &mut
     let _ = rmp::encode::write_uint(out, header.timestamp_ns);
     let _ = rmp::encode::write_str(out, subject);
     let _ = rmp::encode::write_bin_len(out, payload_len as u32);
+}
+
+/// The head of a publisher's envelopes (everything before the payload, and
+/// whatever the transport wants in front), with what never changes encoded
+/// once: the array header, version, publisher id, incarnation and subject.
+/// A publish then writes only its kind, sequence number, timestamp and
+/// payload length. Encoding the whole head each time was over half of a
+/// publish's instructions. The output is byte for byte [`encode_head`]'s.
+#[derive(Debug, Clone)]
+pub struct HeadTemplate {
+    /// Prefix, array header, version, a kind byte, publisher id, incarnation.
+    before_seq: Vec<u8>,
+    /// Where the kind byte is in `before_seq` (0 and 1 are one-byte fixints).
+    kind_at: usize,
+    /// The subject as a MessagePack str.
+    subject: Vec<u8>,
+}
+
+impl HeadTemplate {
+    /// The template for envelopes with `prefix` in front, from `publisher_id`
+    /// (`incarnation`), on `subject`.
+    pub fn new(prefix: &[u8], publisher_id: u64, incarnation: u64, subject: &str) -> Self {
+        let mut before_seq = prefix.to_vec();
+        let _ = rmp::encode::write_array_len(&mut before_seq, ENVELOPE_FIELDS);
+        let _ = rmp::encode::write_uint(&mut before_seq, WIRE_VERSION);
+        let kind_at = before_seq.len();
+        let _ = rmp::encode::write_uint(&mut before_seq, Kind::Data as u64);
+        let _ = rmp::encode::write_uint(&mut before_seq, publisher_id);
+        let _ = rmp::encode::write_uint(&mut before_seq, incarnation);
+        let mut encoded_subject = Vec::with_capacity(subject.len() + 5);
+        let _ = rmp::encode::write_str(&mut encoded_subject, subject);
+        Self {
+            before_seq,
+            kind_at,
+            subject: encoded_subject,
+        }
+    }
+
+    /// Appends the head of an envelope to `out`: the prefix, then what
+    /// [`encode_head`] writes for `kind`, `seq`, `timestamp_ns` and a
+    /// payload of `payload_len` bytes.
+    pub fn encode(
+        &self,
+        kind: Kind,
+        seq: u64,
+        timestamp_ns: u64,
+        payload_len: usize,
+        out: &mut Vec<u8>,
+    ) {
+        let start = out.len();
+        out.reserve(self.before_seq.len() + self.subject.len() + 23);
+        out.extend_from_slice(&self.before_seq);
+        out[start + self.kind_at] = kind as u8;
+        let _ = rmp::encode::write_uint(out, seq);
+        let _ = rmp::encode::write_uint(out, timestamp_ns);
+        out.extend_from_slice(&self.subject);
+        let _ = rmp::encode::write_bin_len(out, payload_len as u32);
+    }
 }
 
 /// Decodes an envelope, borrowing subject and payload from `buf`.
@@ -352,6 +423,21 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_template_writes_what_encode_head_writes(
+            prefix in proptest::collection::vec(any::<u8>(), 0..40),
+            pid: u64, inc: u64, seq: u64, ts: u64, hb: bool,
+            subject in ".{0,300}", payload_len in 0usize..100_000,
+        ) {
+            let kind = if hb { Kind::Heartbeat } else { Kind::Data };
+            let header = Header { kind, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
+            let mut expected = prefix.clone();
+            encode_head(&header, &subject, payload_len, &mut expected);
+            let mut got = vec![7u8]; // the template appends
+            HeadTemplate::new(&prefix, pid, inc, &subject).encode(kind, seq, ts, payload_len, &mut got);
+            prop_assert_eq!(&got[1..], &expected[..]);
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);

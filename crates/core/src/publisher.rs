@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::envelope::{self, unix_nanos, Header, Kind};
+use crate::envelope::{unix_nanos, HeadTemplate, Kind};
 use crate::name::Channel;
 
 /// A publisher's identity on the wire.
@@ -134,6 +134,9 @@ struct SendState {
 struct Inner {
     channel: Channel,
     identity: Identity,
+    /// The sink's frame prefix and this publisher's constant envelope fields,
+    /// encoded once.
+    head: HeadTemplate,
     max_message_bytes: usize,
     state: Mutex<SendState>,
     sink: Box<dyn FrameSink>,
@@ -180,10 +183,17 @@ impl Publisher {
             buf: Vec::with_capacity(256),
             stats: PublisherStats::default(),
         };
+        let head = HeadTemplate::new(
+            sink.frame_prefix(),
+            identity.publisher_id,
+            identity.incarnation,
+            channel.subject(),
+        );
         Self {
             inner: Arc::new(Inner {
                 channel,
                 identity,
+                head,
                 max_message_bytes,
                 state: Mutex::new(state),
                 sink,
@@ -222,20 +232,12 @@ impl Publisher {
             Kind::Heartbeat => st.seq,
         };
         let now = unix_nanos();
-        let header = Header {
-            kind,
-            publisher_id: inner.identity.publisher_id,
-            incarnation: inner.identity.incarnation,
-            seq,
-            timestamp_ns: now,
-        };
-        let prefix = inner.sink.frame_prefix();
+        let prefix_len = inner.sink.frame_prefix().len();
         let SendState { buf, .. } = &mut *st;
         buf.clear();
-        buf.extend_from_slice(prefix);
-        envelope::encode_head(&header, subject, payload.len(), buf);
-        if buf.len() + payload.len() - prefix.len() > inner.max_message_bytes {
-            let size = buf.len() + payload.len() - prefix.len();
+        inner.head.encode(kind, seq, now, payload.len(), buf);
+        if buf.len() + payload.len() - prefix_len > inner.max_message_bytes {
+            let size = buf.len() + payload.len() - prefix_len;
             st.stats.errors += 1;
             return Err(PublishError::TooLarge {
                 size,
@@ -368,7 +370,7 @@ mod tests {
         let seqs: Vec<(Kind, u64)> = frames
             .iter()
             .map(|f| {
-                let e = envelope::decode(f).unwrap();
+                let e = crate::envelope::decode(f).unwrap();
                 (e.header.kind, e.header.seq)
             })
             .collect();
@@ -381,7 +383,7 @@ mod tests {
                 (Kind::Heartbeat, 2)
             ]
         );
-        let e = envelope::decode(&frames[1]).unwrap();
+        let e = crate::envelope::decode(&frames[1]).unwrap();
         assert_eq!(e.subject, "ep.n.c.t");
         assert_eq!(rmp_serde::from_slice::<String>(e.payload).unwrap(), "a");
     }
