@@ -98,6 +98,7 @@ pub trait FrameSink: Send + Sync + 'static {
     /// Bytes the transport wants in front of every envelope (the ZMQ
     /// transport puts the subject there, for its subscription filter), so the
     /// publisher can encode the whole frame in one buffer without a copy.
+    /// Read once, when the publisher is created: it must not change.
     fn frame_prefix(&self) -> &[u8] {
         &[]
     }

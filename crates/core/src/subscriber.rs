@@ -313,10 +313,9 @@ impl RawSubscriber {
     }
 
     /// Decodes and tracks one envelope; called only when `pending` is empty.
-    /// Returns the event to hand over now:
-    /// the message, unless notices about it (a gap, a restart) came first,
-    /// in which case they and the message after them join `pending`, and
-    /// the first of them is returned.
+    /// Returns the event to hand over now: the message, unless notices about
+    /// it (a gap, a restart) came first, in which case they and the message
+    /// after them join `pending` and the first of them is returned.
     fn absorb_frame(&mut self, frame: Bytes, now: u64) -> Option<Event<RawMessage>> {
         let env = match envelope::decode_raw(&frame) {
             Ok(env) => env,
