@@ -67,7 +67,7 @@ pub struct PlaneArgs {
     pub discovery: Option<DiscoveryKind>,
 
     /// Directory of the file discovery backend [default: $XDG_RUNTIME_DIR/eventplane/discovery,
-    /// else <tmp>/eventplane-<uid>/discovery].
+    /// else $TMPDIR/eventplane-$UID/discovery, with /tmp for an unset TMPDIR].
     #[arg(long, env = "DYN_DISCOVERY_DIR")]
     pub discovery_dir: Option<PathBuf>,
 

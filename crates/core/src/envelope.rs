@@ -77,7 +77,7 @@ pub struct EnvelopeRef<'a> {
 /// An envelope decoded but for its subject, which is left as bytes: what a
 /// subscriber needs, since it only compares the subject with its channel's
 /// (a subject equal to a `&str` is valid UTF-8; one that is not equal is
-/// dropped either way). Validating it was a fifth of [`decode`]'s
+/// dropped either way). Validating it was a fifth of [`decode()`]'s
 /// instructions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawEnvelopeRef<'a> {
@@ -266,7 +266,7 @@ pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
     })
 }
 
-/// Decodes an envelope as [`decode`] does, except that the subject is not
+/// Decodes an envelope as [`decode()`] does, except that the subject is not
 /// checked for UTF-8 (see [`RawEnvelopeRef`]).
 pub fn decode_raw(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
     let mut rd = buf;

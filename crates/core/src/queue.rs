@@ -1,12 +1,12 @@
 //! The bounded hand-off between a transport's receiving side and a subscriber.
 //!
-//! A transport pushes batches of encoded envelopes with [`SourceTx::push`]; the
-//! subscriber pulls them with [`Source::next`]. The queue is bounded twice: in
-//! batches (the channel's capacity) and in bytes (the sum of the envelopes
-//! waiting). A push that would exceed either bound is refused, never waited
-//! for, and the refused messages are counted: a slow consumer costs messages
-//! (which its sequence tracking then reports as gaps), never memory and never
-//! the transport's progress.
+//! A transport pushes batches of encoded envelopes with [`SourceTx::push`];
+//! the subscriber pulls them through [`Source`]'s [`FrameSource`] methods.
+//! The queue is bounded twice: in batches (the channel's capacity) and in
+//! bytes (the sum of the envelopes waiting). A push that would exceed either
+//! bound is refused, never waited for, and the refused messages are counted:
+//! a slow consumer costs messages (which its sequence tracking then reports
+//! as gaps), never memory and never the transport's progress.
 //!
 //! Discovery changes travel beside the data on a small channel of their own,
 //! so a full data queue cannot hide that a publisher came or went.

@@ -1,5 +1,6 @@
-//! The subscribing side: decoding envelopes from a transport's [`Source`],
-//! tracking every publisher's sequence, and yielding messages and notices.
+//! The subscribing side: decoding envelopes from a transport's
+//! [`FrameSource`], tracking every publisher's sequence, and yielding
+//! messages and notices.
 //!
 //! Sequence tracking runs here, after the transport's queue, so that a message
 //! lost anywhere upstream (the sender's buffer, the network, the receiver's
