@@ -4,7 +4,7 @@
 # 1. Installs what the tests need when it is missing (Debian packages with
 #    apt-get; a Python venv in .venv with the foreign clients the interop tests
 #    use).
-# 2. Checks formatting and lints (warnings are errors).
+# 2. Checks formatting, lints and the API docs (warnings are errors).
 # 3. Runs every test of the workspace with cargo-nextest when it is installed
 #    (cargo test otherwise), then the doc tests.
 set -euo pipefail
@@ -48,6 +48,8 @@ cargo fmt --all -- --check
 say "cargo clippy (warnings are errors), default features and with etcd"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+say "cargo doc (broken links and other rustdoc warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 
 # --- tests ------------------------------------------------------------------
 if cargo nextest --version >/dev/null 2>&1; then
