@@ -269,6 +269,78 @@ pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
 /// Decodes an envelope as [`decode()`] does, except that the subject is not
 /// checked for UTF-8 (see [`RawEnvelopeRef`]).
 pub fn decode_raw(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
+    match decode_usual(buf) {
+        Some(env) => Ok(env),
+        None => decode_any(buf),
+    }
+}
+
+/// The envelopes publishers write, read byte by byte: an array of exactly
+/// 8, version 1, kind 0 or 1, four unsigned integers, a str subject and a
+/// bin payload. `None` for anything else (another valid encoding, or an
+/// invalid envelope), which [`decode_any`] then decides, errors included;
+/// where this returns an envelope, [`decode_any`] returns the same one (a
+/// property test checks it). Through `rmp` alone decoding took ~350
+/// instructions, a third of a subscriber's work per message.
+#[inline]
+fn decode_usual(buf: &[u8]) -> Option<RawEnvelopeRef<'_>> {
+    let [0x98, 0x01, kind @ (0x00 | 0x01), rest @ ..] = buf else {
+        return None;
+    };
+    let (publisher_id, rest) = usual_uint(rest)?;
+    let (incarnation, rest) = usual_uint(rest)?;
+    let (seq, rest) = usual_uint(rest)?;
+    let (timestamp_ns, rest) = usual_uint(rest)?;
+    let (subject_len, rest) = match *rest {
+        [m @ 0xa0..=0xbf, ref rest @ ..] => (usize::from(m & 0x1f), rest),
+        [0xd9, n, ref rest @ ..] => (usize::from(n), rest),
+        [0xda, a, b, ref rest @ ..] => (usize::from(u16::from_be_bytes([a, b])), rest),
+        _ => return None,
+    };
+    let (subject, rest) = rest.split_at_checked(subject_len)?;
+    let (payload_len, rest) = match *rest {
+        [0xc4, n, ref rest @ ..] => (usize::from(n), rest),
+        [0xc5, a, b, ref rest @ ..] => (usize::from(u16::from_be_bytes([a, b])), rest),
+        [0xc6, a, b, c, d, ref rest @ ..] => (u32::from_be_bytes([a, b, c, d]) as usize, rest),
+        _ => return None,
+    };
+    let payload = rest.get(..payload_len)?;
+    Some(RawEnvelopeRef {
+        header: Header {
+            kind: if *kind == 0 {
+                Kind::Data
+            } else {
+                Kind::Heartbeat
+            },
+            publisher_id,
+            incarnation,
+            seq,
+            timestamp_ns,
+        },
+        subject,
+        payload,
+    })
+}
+
+/// An unsigned integer as `rmp` writes one (the shortest of positive
+/// fixint, uint 8/16/32/64), and what follows it.
+#[inline]
+fn usual_uint(buf: &[u8]) -> Option<(u64, &[u8])> {
+    Some(match *buf {
+        [m @ 0x00..=0x7f, ref rest @ ..] => (u64::from(m), rest),
+        [0xcc, a, ref rest @ ..] => (u64::from(a), rest),
+        [0xcd, a, b, ref rest @ ..] => (u64::from(u16::from_be_bytes([a, b])), rest),
+        [0xce, a, b, c, d, ref rest @ ..] => (u64::from(u32::from_be_bytes([a, b, c, d])), rest),
+        [0xcf, a, b, c, d, e, f, g, h, ref rest @ ..] => {
+            (u64::from_be_bytes([a, b, c, d, e, f, g, h]), rest)
+        }
+        _ => return None,
+    })
+}
+
+/// Any valid envelope, through `rmp`, and the error that names the field
+/// for an invalid one.
+fn decode_any(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
     let mut rd = buf;
     let len = decode::read_array_len(&mut rd).map_err(|e| match e {
         ValueReadError::TypeMismatch(_) => DecodeError::NotAnArray,
@@ -422,7 +494,44 @@ mod tests {
         }
     }
 
+    /// Integers of every encoded width (fixint, uint 8, 16, 32, 64).
+    fn uint() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..128,
+            128u64..256,
+            256u64..65_536,
+            65_536u64..(1 << 32),
+            any::<u64>()
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn the_usual_path_agrees_with_rmp(
+            pid in uint(), inc in uint(), seq in uint(), ts in uint(), hb: bool,
+            subject in ".{0,100}", payload in proptest::collection::vec(any::<u8>(), 0..300),
+            at in any::<proptest::sample::Index>(), byte: u8, mutate: bool,
+            cut in any::<proptest::sample::Index>(), truncate: bool,
+        ) {
+            let kind = if hb { Kind::Heartbeat } else { Kind::Data };
+            let header = Header { kind, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
+            let mut buf = Vec::new();
+            encode(&header, &subject, &payload, &mut buf);
+            // Unchanged, what publishers write takes the usual path.
+            prop_assert_eq!(decode_usual(&buf), Some(decode_any(&buf).unwrap()));
+            // Damaged, it either does and agrees, or leaves it to rmp.
+            if mutate {
+                let i = at.index(buf.len());
+                buf[i] = byte;
+            }
+            if truncate {
+                buf.truncate(cut.index(buf.len() + 1));
+            }
+            if let Some(env) = decode_usual(&buf) {
+                prop_assert_eq!(Ok(env), decode_any(&buf));
+            }
+        }
+
         #[test]
         fn the_template_writes_what_encode_head_writes(
             prefix in proptest::collection::vec(any::<u8>(), 0..40),
