@@ -7,7 +7,8 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use eventplane_core::envelope::{decode, encode, Header, Kind};
 use eventplane_core::queue::{Deadline, FrameSource, SourceCounters, SourceItem, TimedOut};
 use eventplane_core::{
-    Event, FrameSink, Identity, Publisher, RawSubscriber, Scope, SendError, SequenceTracker,
+    Channel, Event, FrameSink, Identity, Publisher, RawSubscriber, Scope, SendError,
+    SequenceTracker,
 };
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
@@ -23,8 +24,17 @@ fn header(seq: u64) -> Header {
     }
 }
 
+/// The channel the benches publish on: a worker's KV events.
+fn kv_events() -> Channel {
+    Scope::new("dynamo", "backend")
+        .unwrap()
+        .channel("kv-events")
+        .unwrap()
+}
+
 fn codec(c: &mut Criterion) {
-    let subject = "ep.dynamo.backend.kv-events";
+    let channel = kv_events();
+    let subject = channel.subject();
     let mut group = c.benchmark_group("envelope");
     for size in [100usize, 4096] {
         let payload = vec![0xab; size];
@@ -103,10 +113,7 @@ impl FrameSource for Ready {
 /// cuts small ones.
 fn receiving(c: &mut Criterion) {
     const N: u64 = 1_000;
-    let channel = Scope::new("dynamo", "backend")
-        .unwrap()
-        .channel("kv-events")
-        .unwrap();
+    let channel = kv_events();
     let mut group = c.benchmark_group("subscriber");
     for size in [100usize, 4096] {
         let payload = vec![0xab; size];
@@ -166,10 +173,7 @@ impl FrameSink for Counting {
 /// publishing thread to what the transport costs (the sequence number, the
 /// timestamp, the envelope's head).
 fn publishing(c: &mut Criterion) {
-    let channel = Scope::new("dynamo", "backend")
-        .unwrap()
-        .channel("kv-events")
-        .unwrap();
+    let channel = kv_events();
     let mut group = c.benchmark_group("publisher");
     for size in [100usize, 4096] {
         let payload = vec![0xab; size];

@@ -35,6 +35,7 @@ use eventplane_kv::workload::{Workload, WorkloadOp};
 use eventplane_kv::{IndexReader, LocalHash, Matches, PrefixIndex, SeqHash, SeqHashes};
 use serde::Serialize;
 
+use super::median;
 use crate::args::IndexBenchArgs;
 
 /// What a timed lookup is given.
@@ -341,11 +342,6 @@ fn percentile_us(sorted: &[u64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     round3(sorted[rank - 1] as f64 / 1000.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn round3(x: f64) -> f64 {

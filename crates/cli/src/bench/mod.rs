@@ -9,3 +9,10 @@ pub mod frontend;
 pub mod index;
 pub mod relay;
 pub mod transport;
+
+/// The middle value of `v` (the upper middle of an even count): what every
+/// bench reports of repeated runs or rounds. `v` must not be empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::median;
 use crate::args::{BenchPeerArgs, BenchTransport, ReceiveOn, TransportBenchArgs};
 use crate::pace::Pacer;
 
@@ -216,16 +217,12 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 }
             }
             for (k, mut row) in group.into_iter().enumerate() {
-                let median = |i: usize| {
-                    let mut v: Vec<f64> = samples[k].iter().map(|s| s[i]).collect();
-                    v.sort_by(f64::total_cmp);
-                    v[v.len() / 2]
-                };
+                let percentile = |i: usize| median(samples[k].iter().map(|s| s[i]).collect());
                 row["latency_rate"] = json!(a.latency_rate);
                 row["latency_lost"] = json!(lost[k]);
-                row["p50_us"] = json!(median(0));
-                row["p99_us"] = json!(median(1));
-                row["p99_9_us"] = json!(median(2));
+                row["p50_us"] = json!(percentile(0));
+                row["p99_us"] = json!(percentile(1));
+                row["p99_9_us"] = json!(percentile(2));
                 row["latency_rounds"] = json!(samples[k]);
                 eprintln!("{row}");
                 rows.push(row);
@@ -250,7 +247,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
         if let Some(base) = base.cloned() {
             let row = rows[i].clone();
             let ratio = |k: &str| match (row[k].as_f64(), base[k].as_f64()) {
-                (Some(x), Some(b)) if b > 0.0 => json!((x / b * 100.0).round() / 100.0),
+                (Some(x), Some(b)) if b > 0.0 => hundredths(x / b),
                 _ => serde_json::Value::Null,
             };
             rows[i]["throughput_vs_raw"] = ratio("sustained_msg_s");
@@ -271,9 +268,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             };
             let paired = |k: &str, i: Option<usize>| {
                 paired_ratio(&rounds(&row, k, i), &rounds(&base, k, i))
-                    .map_or(serde_json::Value::Null, |x| {
-                        json!((x * 100.0).round() / 100.0)
-                    })
+                    .map_or(serde_json::Value::Null, hundredths)
             };
             rows[i]["throughput_vs_raw_paired"] = paired("sustained_rounds", None);
             rows[i]["p99_vs_raw_paired"] = paired("latency_rounds", Some(1));
@@ -294,14 +289,18 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
 /// minute of the host lands on both halves of a pair; the ratio of medians
 /// (the table's other column) compares rounds minutes apart.
 fn paired_ratio(ours: &[f64], base: &[f64]) -> Option<f64> {
-    let mut ratios: Vec<f64> = ours
+    let ratios: Vec<f64> = ours
         .iter()
         .zip(base)
         .filter(|(_, &b)| b > 0.0)
         .map(|(&x, &b)| x / b)
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied()
+    (!ratios.is_empty()).then(|| median(ratios))
+}
+
+/// A ratio as the table shows it, to two decimals.
+fn hundredths(x: f64) -> serde_json::Value {
+    json!((x * 100.0).round() / 100.0)
 }
 
 fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
@@ -405,10 +404,9 @@ async fn throughput(
             sustained[k].push(search.lo.round());
         }
     }
-    for (row, mut rounds) in rows.iter_mut().zip(sustained) {
+    for (row, rounds) in rows.iter_mut().zip(sustained) {
         row["sustained_rounds"] = json!(rounds);
-        rounds.sort_by(f64::total_cmp);
-        row["sustained_msg_s"] = json!(rounds[rounds.len() / 2]);
+        row["sustained_msg_s"] = json!(median(rounds));
     }
     Ok(rows)
 }
