@@ -160,7 +160,7 @@ fn receiving(c: &mut Criterion) {
 struct Counting(std::sync::atomic::AtomicUsize);
 
 impl FrameSink for Counting {
-    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+    fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
         self.0.fetch_add(
             black_box(head).len() + black_box(payload).len(),
             std::sync::atomic::Ordering::Relaxed,

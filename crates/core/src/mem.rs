@@ -51,7 +51,7 @@ struct MemSink {
 }
 
 impl FrameSink for MemSink {
-    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+    fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
         let mut frame = bytes::BytesMut::with_capacity(head.len() + payload.len());
         frame.extend_from_slice(head);
         frame.extend_from_slice(payload);

@@ -5,7 +5,12 @@
 //! short lock that covers allocating the sequence number and handing the
 //! encoded envelope to the sink, so that numbers leave in order even when
 //! several threads publish, and a heartbeat can never announce a number whose
-//! message has not been handed over yet. Sinks never wait for subscribers:
+//! message has not been handed over yet. The sink lives inside that lock, so
+//! a transport needs no lock of its own around its socket: its driver reaches
+//! the socket through [`Publisher::drive`], under the same lock. (A second
+//! lock in the ZMQ sink was a sixth of the publishing thread's own samples in
+//! `perf`: each locked instruction waits for the frame just copied to leave
+//! the store buffer.) Sinks never wait for subscribers:
 //! when one cannot keep up the transport drops for it, and its sequence
 //! tracking reports exactly what was lost.
 
@@ -87,16 +92,27 @@ pub enum PublishError {
 
 /// What a transport provides to a publisher: somewhere to put encoded
 /// envelopes for one channel.
-pub trait FrameSink: Send + Sync + 'static {
+///
+/// The publisher owns its sink and calls it only under its send lock, one
+/// call at a time: the sink needs no synchronisation of its own.
+pub trait FrameSink: Send + 'static {
     /// Sends one frame, given in two parts to be sent back to back: `head`
     /// ([`frame_prefix`](Self::frame_prefix) and the envelope up to its
     /// payload) and `payload`. Two parts so that the payload is copied once,
     /// into the transport's own buffer. Must return promptly: it may drop for slow
     /// subscribers but must never wait for them.
-    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError>;
+    fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError>;
+
+    /// Reads what subscribers have sent the transport and returns how many
+    /// new subscriptions arrived since the last call (0 when the transport
+    /// cannot tell). Called by [`Publisher::drive`], which welcomes them with
+    /// a heartbeat at once. Must not wait.
+    fn take_joined(&mut self) -> u64 {
+        0
+    }
 
     /// Bytes the transport wants in front of every envelope (the ZMQ
-    /// transport puts the subject there, for its subscription filter), so the
+    /// transport puts the subject there, for subscribers' prefix filters), so the
     /// publisher can encode the whole frame in one buffer without a copy.
     /// Read once, when the publisher is created: it must not change.
     fn frame_prefix(&self) -> &[u8] {
@@ -130,6 +146,7 @@ struct SendState {
     last_send_ns: u64,
     buf: Vec<u8>,
     stats: PublisherStats,
+    sink: Box<dyn FrameSink>,
 }
 
 struct Inner {
@@ -138,9 +155,12 @@ struct Inner {
     /// The sink's frame prefix and this publisher's constant envelope fields,
     /// encoded once.
     head: HeadTemplate,
+    /// Length of the sink's frame prefix, at the start of every frame.
+    prefix_len: usize,
     max_message_bytes: usize,
     state: Mutex<SendState>,
-    sink: Box<dyn FrameSink>,
+    /// The sink's subscription count, if it keeps one.
+    subscriptions: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 /// A publisher bound to one channel. See the module docs.
@@ -178,26 +198,30 @@ impl Publisher {
         max_message_bytes: usize,
         sink: Box<dyn FrameSink>,
     ) -> Self {
-        let state = SendState {
-            seq: 0,
-            last_send_ns: 0,
-            buf: Vec::with_capacity(256),
-            stats: PublisherStats::default(),
-        };
         let head = HeadTemplate::new(
             sink.frame_prefix(),
             identity.publisher_id,
             identity.incarnation,
             channel.subject(),
         );
+        let prefix_len = sink.frame_prefix().len();
+        let subscriptions = sink.subscriptions();
+        let state = SendState {
+            seq: 0,
+            last_send_ns: 0,
+            buf: Vec::with_capacity(256),
+            stats: PublisherStats::default(),
+            sink,
+        };
         Self {
             inner: Arc::new(Inner {
                 channel,
                 identity,
                 head,
+                prefix_len,
                 max_message_bytes,
                 state: Mutex::new(state),
-                sink,
+                subscriptions,
             }),
         }
     }
@@ -224,29 +248,39 @@ impl Publisher {
         self.send(Kind::Heartbeat, &[]).map(|_| ())
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, SendState> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn send(&self, kind: Kind, payload: &[u8]) -> Result<u64, PublishError> {
+        self.send_locked(&mut self.lock(), kind, payload)
+    }
+
+    fn send_locked(
+        &self,
+        st: &mut SendState,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<u64, PublishError> {
         let inner = &*self.inner;
-        let subject = inner.channel.subject();
-        let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
         let seq = match kind {
             Kind::Data => st.seq + 1,
             Kind::Heartbeat => st.seq,
         };
         let now = unix_nanos();
-        let prefix_len = inner.sink.frame_prefix().len();
-        let SendState { buf, .. } = &mut *st;
+        let SendState { buf, sink, .. } = st;
         buf.clear();
         inner.head.encode(kind, seq, now, payload.len(), buf);
-        if buf.len() + payload.len() - prefix_len > inner.max_message_bytes {
-            let size = buf.len() + payload.len() - prefix_len;
+        let size = buf.len() + payload.len() - inner.prefix_len;
+        if size > inner.max_message_bytes {
             st.stats.errors += 1;
             return Err(PublishError::TooLarge {
                 size,
                 limit: inner.max_message_bytes,
-                subject: subject.to_owned(),
+                subject: inner.channel.subject().to_owned(),
             });
         }
-        if let Err(e) = inner.sink.send(&st.buf, payload) {
+        if let Err(e) = sink.send(buf, payload) {
             st.stats.errors += 1;
             return Err(e.into());
         }
@@ -263,18 +297,13 @@ impl Publisher {
     }
 
     fn count_error(&self) {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .errors += 1;
+        self.lock().stats.errors += 1;
     }
 
     /// Waits until the transport has seen at least `n` subscriptions. Returns
     /// `false` at once if the transport cannot tell.
     pub async fn wait_for_subscriptions(&self, n: u64) -> bool {
-        let Some(mut rx) = self.inner.sink.subscriptions() else {
+        let Some(mut rx) = self.inner.subscriptions.clone() else {
             return false;
         };
         let reached = rx.wait_for(|&count| count >= n).await.is_ok();
@@ -300,11 +329,7 @@ impl Publisher {
 
     /// The last sequence number published (0 before the first).
     pub fn last_seq(&self) -> u64 {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seq
+        self.lock().seq
     }
 
     /// Sends a heartbeat if nothing has been sent for `interval_ns` before
@@ -312,27 +337,35 @@ impl Publisher {
     /// that silence is never mistaken for idleness, and so that a subscriber
     /// learns of loss at the tail of a stream.
     pub fn heartbeat_if_idle(&self, now_ns: u64, interval_ns: u64) -> bool {
-        self.idle_ns(now_ns) >= interval_ns && self.heartbeat().is_ok()
+        self.heartbeat_locked_if_idle(&mut self.lock(), now_ns, interval_ns)
+    }
+
+    fn heartbeat_locked_if_idle(&self, st: &mut SendState, now_ns: u64, interval_ns: u64) -> bool {
+        now_ns.saturating_sub(st.last_send_ns) >= interval_ns
+            && self.send_locked(st, Kind::Heartbeat, &[]).is_ok()
+    }
+
+    /// What a transport's driver calls periodically, under the publisher's
+    /// lock (no publish runs meanwhile): the sink reads what subscribers
+    /// sent ([`FrameSink::take_joined`]); a heartbeat goes out at once if a
+    /// subscriber joined (its welcome), else if nothing was sent for
+    /// `idle_interval_ns` before `now_ns`. Returns how many joined.
+    pub fn drive(&self, now_ns: u64, idle_interval_ns: u64) -> u64 {
+        let mut st = self.lock();
+        let joined = st.sink.take_joined();
+        let interval_ns = if joined > 0 { 0 } else { idle_interval_ns };
+        self.heartbeat_locked_if_idle(&mut st, now_ns, interval_ns);
+        joined
     }
 
     /// Nanoseconds since anything (data or heartbeat) was sent, at `now_ns`.
     pub fn idle_ns(&self, now_ns: u64) -> u64 {
-        let last = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last_send_ns;
-        now_ns.saturating_sub(last)
+        now_ns.saturating_sub(self.lock().last_send_ns)
     }
 
     /// Totals so far.
     pub fn stats(&self) -> PublisherStats {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
+        self.lock().stats
     }
 
     /// A handle that does not keep the publisher alive.
@@ -349,7 +382,7 @@ mod tests {
     #[derive(Default, Clone)]
     struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
     impl FrameSink for Capture {
-        fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+        fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
             self.0.lock().unwrap().push([head, payload].concat());
             Ok(())
         }

@@ -98,6 +98,19 @@ impl SourceCounters {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts one frame of `bytes` bytes received, for a transport whose
+    /// receiving side is the only writer of [`frames`](Self::frames) and
+    /// [`bytes`](Self::bytes) (readers only load them). A load and a store
+    /// instead of two locked read-modify-writes per message: with one
+    /// writer no increment can be lost, and readers still see whole values.
+    pub fn count_frame_single_writer(&self, bytes: usize) {
+        let add = |counter: &AtomicU64, n: u64| {
+            counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed)
+        };
+        add(&self.frames, 1);
+        add(&self.bytes, bytes as u64);
+    }
 }
 
 /// Where a subscriber's input comes from. The in-process transport uses the

@@ -108,7 +108,7 @@ impl Drop for NatsSink {
 }
 
 impl FrameSink for NatsSink {
-    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+    fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
         let s = &*self.shared;
         let len = head.len() + payload.len();
         let server_max = s.client.max_payload();

@@ -77,10 +77,7 @@ impl NatsSource {
     /// once).
     fn accept(&mut self, payload: Bytes) -> Option<Bytes> {
         let len = payload.len();
-        SourceCounters::bump(&self.counters.frames);
-        self.counters
-            .bytes
-            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        self.counters.count_frame_single_writer(len);
         if len > self.max_bytes {
             SourceCounters::bump(&self.counters.oversized);
             if self.log.first("oversized") {

@@ -6,19 +6,19 @@ use eventplane_core::publisher::{FrameSink, SendError, WeakPublisher};
 use eventplane_core::{Channel, Identity, Publisher};
 use eventplane_discovery::{Discovery, Registration};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::{discovery_prefix, zmq_err, Advertisement, ZmqError, ZmqOptions};
 
-struct Shared {
-    socket: Mutex<zmq::Socket>,
-    stop: AtomicBool,
-}
-
+/// The publisher's end of the XPUB socket. The core publisher owns it and
+/// calls it under its send lock, so the socket needs no lock of its own: the
+/// driver thread reaches it through [`Publisher::drive`], under that lock.
 struct ZmqSink {
-    shared: Arc<Shared>,
+    socket: zmq::Socket,
+    /// Set when the sink is dropped: the driver thread stops.
+    stop: Arc<AtomicBool>,
     /// The subject and a NUL byte: the start of every frame.
     prefix: Vec<u8>,
     subscriptions: watch::Receiver<u64>,
@@ -26,15 +26,36 @@ struct ZmqSink {
 }
 
 impl FrameSink for ZmqSink {
-    fn send(&self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+    fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
         // Assemble the frame in libzmq's own buffer: one copy of the payload.
         let mut msg = zmq::Message::with_size(head.len() + payload.len());
-        msg[..head.len()].copy_from_slice(head);
-        msg[head.len()..].copy_from_slice(payload);
-        let socket = self.shared.socket.lock().unwrap_or_else(|p| p.into_inner());
-        socket
+        // One `DerefMut`: each is two calls into libzmq (~80 instructions).
+        let frame: &mut [u8] = &mut msg;
+        frame[..head.len()].copy_from_slice(head);
+        frame[head.len()..].copy_from_slice(payload);
+        self.socket
             .send(msg, zmq::DONTWAIT)
             .map_err(|e| SendError::Transport(e.to_string()))
+    }
+
+    /// Reads the subscription messages the XPUB socket holds (`0x01` then
+    /// the prefix: a subscriber joined; `0x00`: it left).
+    fn take_joined(&mut self) -> u64 {
+        let mut joined = 0;
+        // Reading ZMQ_EVENTS also re-arms the signal fd the driver polls.
+        while self
+            .socket
+            .get_events()
+            .map(|e| e.contains(zmq::POLLIN))
+            .unwrap_or(false)
+        {
+            match self.socket.recv_bytes(zmq::DONTWAIT) {
+                Ok(msg) if msg.first() == Some(&1) => joined += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        joined
     }
 
     fn frame_prefix(&self) -> &[u8] {
@@ -48,7 +69,7 @@ impl FrameSink for ZmqSink {
 
 impl Drop for ZmqSink {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -103,13 +124,11 @@ pub async fn publish_on(
     let value = serde_json::to_value(&ad).expect("an advertisement serializes");
     let registration = discovery.register(&key, value, opts.lease_ttl).await?;
 
-    let shared = Arc::new(Shared {
-        socket: Mutex::new(socket),
-        stop: AtomicBool::new(false),
-    });
+    let stop = Arc::new(AtomicBool::new(false));
     let (subs_tx, subs_rx) = watch::channel(0u64);
     let sink = ZmqSink {
-        shared: shared.clone(),
+        socket,
+        stop: stop.clone(),
         prefix: crate::frame_prefix(channel),
         subscriptions: subs_rx,
         _registration: registration,
@@ -124,21 +143,23 @@ pub async fn publish_on(
     let interval = opts.heartbeat_interval;
     std::thread::Builder::new()
         .name("ep-zmq-pub".into())
-        .spawn(move || drive(shared, fd, weak, interval, subs_tx))?;
+        .spawn(move || drive(&stop, fd, weak, interval, subs_tx))?;
     tracing::info!(channel = %channel, endpoint, publisher_id = identity.publisher_id, incarnation = identity.incarnation, "publishing");
     Ok(publisher)
 }
 
-/// The driver loop: wait for the socket's signal fd (or a timeout), read
-/// subscriptions, welcome new subscribers, heartbeat when idle.
+/// The driver loop: wait for the socket's signal fd (or a tick), then let
+/// the publisher read subscriptions, welcome new subscribers and heartbeat
+/// when idle ([`Publisher::drive`]).
 fn drive(
-    shared: Arc<Shared>,
+    stop: &AtomicBool,
     fd: std::os::fd::RawFd,
     publisher: WeakPublisher,
     interval: Duration,
     subs: watch::Sender<u64>,
 ) {
     let tick = interval.min(Duration::from_millis(100));
+    let interval_ns = interval.as_nanos() as u64;
     let mut subscribed: u64 = 0;
     loop {
         let mut pfd = libc::pollfd {
@@ -146,42 +167,23 @@ fn drive(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd; the fd is owned by the socket, which
-        // `shared` keeps open for as long as this thread runs.
+        // SAFETY: `poll` only reads the one pollfd given. The descriptor
+        // belongs to the socket, which closes when the last publisher handle
+        // is dropped, possibly while this waits: a closed descriptor makes
+        // `poll` return at once (POLLNVAL), a reused one at worst waits a
+        // tick; nothing is read from it, and `stop` ends the loop next.
         unsafe { libc::poll(&mut pfd, 1, tick.as_millis() as libc::c_int) };
-        if shared.stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             return;
-        }
-        let mut joined = 0u64;
-        {
-            let socket = shared.socket.lock().unwrap_or_else(|p| p.into_inner());
-            // Reading ZMQ_EVENTS also re-arms the signal fd.
-            while socket
-                .get_events()
-                .map(|e| e.contains(zmq::POLLIN))
-                .unwrap_or(false)
-            {
-                match socket.recv_bytes(zmq::DONTWAIT) {
-                    Ok(msg) if msg.first() == Some(&1) => joined += 1,
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
         }
         let Some(publisher) = publisher.upgrade() else {
             return;
         };
+        let joined = publisher.drive(unix_nanos(), interval_ns);
         if joined > 0 {
             subscribed += joined;
             subs.send_replace(subscribed);
-            tracing::debug!(channel = %publisher.channel(), joined, "subscriber joined; sending a welcome heartbeat");
+            tracing::debug!(channel = %publisher.channel(), joined, "subscriber joined; sent a welcome heartbeat");
         }
-        // A new subscriber is welcomed at once; otherwise only when idle.
-        let interval_ns = if joined > 0 {
-            0
-        } else {
-            interval.as_nanos() as u64
-        };
-        publisher.heartbeat_if_idle(unix_nanos(), interval_ns);
     }
 }

@@ -126,8 +126,7 @@ pub struct ZmqSource {
 const ARENA_CHUNK: usize = 32 << 10;
 
 /// The whole frame of a wake-up: it starts with a NUL, which no channel's
-/// subject does, so it cannot be mistaken for (or filtered in with) an
-/// envelope.
+/// subject does, so it cannot be mistaken for an envelope.
 const WAKE: &[u8] = b"\0eventplane-wake";
 
 /// Wakes a thread blocked in the SUB socket's own `recv` when a discovery
@@ -186,8 +185,13 @@ pub async fn subscribe_to(
     sub.set_maxmsgsize(hard_cap)
         .map_err(zmq_err("set MAXMSGSIZE"))?;
     sub.set_linger(0).map_err(zmq_err("set LINGER"))?;
-    sub.set_subscribe(&crate::frame_prefix(channel))
-        .map_err(zmq_err("subscribe"))?;
+    // Everything: each publisher's socket carries this one channel only
+    // (docs/wire-format.md §5.1), and `accept` checks every frame's prefix
+    // itself, counting foreign ones. Subscribing to the subject instead would
+    // have libzmq match it byte by byte in a trie on both sides for every
+    // message: ~4 % of the publishing and of the receiving thread's samples
+    // in `perf` of a one-process 100 B bench.
+    sub.set_subscribe(b"").map_err(zmq_err("subscribe"))?;
     let signal = register_signal(&sub)?;
 
     let counters = Arc::new(SourceCounters::default());
@@ -343,40 +347,34 @@ impl ZmqSource {
                 self.drained = true;
                 break;
             }
-            if let Some(msg) = self.accept(msg) {
-                batch.push(self.envelope_of(msg));
+            if let Some(envelope) = self.accept(msg) {
+                batch.push(envelope);
             }
         }
         (!batch.is_empty()).then_some(batch)
     }
 
-    /// The envelope of an accepted message: large ones keep libzmq's buffer
-    /// (no copy); small ones are copied into [`ZmqSource::arena`], one
-    /// allocation shared by many messages instead of one each.
-    fn envelope_of(&mut self, msg: zmq::Message) -> Bytes {
-        let envelope = &msg[self.prefix.len()..];
-        if envelope.len() > COPY_BELOW {
-            return Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..);
-        }
-        if self.arena.capacity() - self.arena.len() < envelope.len() {
-            self.arena = bytes::BytesMut::with_capacity(ARENA_CHUNK);
-        }
-        self.arena.extend_from_slice(envelope);
-        self.arena.split().freeze()
-    }
-
     /// Checks a message just received (reading the rest of it if it has
-    /// more frames) and counts it: the message if it is one of ours, `None`
-    /// if it was dropped (counted, logged once) or was a [`WAKE`].
-    fn accept(&mut self, msg: zmq::Message) -> Option<zmq::Message> {
-        if &msg[..] == WAKE {
+    /// more frames), counts it, and returns its envelope: `None` if it was
+    /// dropped (counted, logged once) or was a [`WAKE`].
+    ///
+    /// Large envelopes keep libzmq's buffer (no copy); small ones are copied
+    /// into [`ZmqSource::arena`], one allocation shared by many messages
+    /// instead of one each. The message's bytes are looked up once: each
+    /// `Deref` of a `zmq::Message` is two calls into libzmq (data and size,
+    /// each checking the message), ~75 instructions, and doing it once per
+    /// use cost ~300 instructions a message in callgrind of the bench.
+    fn accept(&mut self, msg: zmq::Message) -> Option<Bytes> {
+        let more = msg.get_more();
+        let frame: &[u8] = &msg;
+        if frame == WAKE {
             self.commands_armed = false;
             return None;
         }
-        let mut size = msg.len();
+        let mut size = frame.len();
         let mut frames = 1;
         // Ours are single frames; read and discard the rest of anything else.
-        let mut more = msg.get_more();
+        let mut more = more;
         while more {
             let mut part = zmq::Message::new();
             if self.sub.recv(&mut part, 0).is_err() {
@@ -386,14 +384,11 @@ impl ZmqSource {
             frames += 1;
             more = part.get_more();
         }
-        SourceCounters::bump(&self.counters.frames);
-        self.counters
-            .bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        if frames != 1 || !msg.starts_with(&self.prefix) {
+        self.counters.count_frame_single_writer(size);
+        if frames != 1 || !frame.starts_with(&self.prefix) {
             SourceCounters::bump(&self.counters.bad_framing);
             if self.log.first("bad_framing") {
-                let head = String::from_utf8_lossy(&msg[..msg.len().min(64)]).into_owned();
+                let head = String::from_utf8_lossy(&frame[..frame.len().min(64)]).into_owned();
                 tracing::warn!(
                     channel = %self.channel, frames, head, bytes = size,
                     "message with bad framing dropped: expected one frame, subject NUL envelope (further ones are counted, not logged)"
@@ -401,23 +396,30 @@ impl ZmqSource {
             }
             return None;
         }
-        let envelope_len = msg.len() - self.prefix.len();
-        if envelope_len > self.max_bytes {
+        let envelope = &frame[self.prefix.len()..];
+        if envelope.len() > self.max_bytes {
             SourceCounters::bump(&self.counters.oversized);
             if self.log.first("oversized") {
                 tracing::warn!(
-                    channel = %self.channel, bytes = envelope_len, limit = self.max_bytes,
+                    channel = %self.channel, bytes = envelope.len(), limit = self.max_bytes,
                     "oversized message dropped (further ones are counted, not logged)"
                 );
             }
             return None;
         }
-        Some(msg)
+        if envelope.len() > COPY_BELOW {
+            return Some(Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..));
+        }
+        if self.arena.capacity() - self.arena.len() < envelope.len() {
+            self.arena = bytes::BytesMut::with_capacity(ARENA_CHUNK);
+        }
+        self.arena.extend_from_slice(envelope);
+        Some(self.arena.split().freeze())
     }
 
     /// The waker of blocking receives, made on first use: a PUB socket
     /// bound on a fresh `inproc://` endpoint, which the SUB socket
-    /// subscribes to [`WAKE`] from.
+    /// connects to (its subscription to everything takes [`WAKE`] in).
     fn blocking_waker(&mut self) -> Result<Waker, zmq::Error> {
         if let Some(waker) = &self.wake {
             return Ok(waker.clone());
@@ -429,10 +431,8 @@ impl ZmqSource {
         // Wake-ups beyond a few are redundant; a full pipe drops them.
         control.set_sndhwm(16)?;
         control.bind(&endpoint)?;
-        // Subscribe before connecting: the subscription then travels with
-        // the connection, and the PUB side applies it before it filters its
-        // first wake-up.
-        self.sub.set_subscribe(WAKE)?;
+        // The socket's subscription to everything, made before this
+        // connection, travels with it: the first wake-up is not filtered out.
         self.sub.connect(&endpoint)?;
         let waker = Waker::from(Arc::new(ControlWaker(Mutex::new(control))));
         self.wake = Some(waker.clone());
@@ -560,8 +560,8 @@ impl FrameSource for ZmqSource {
             let mut msg = zmq::Message::new();
             match self.sub.recv(&mut msg, flags) {
                 Ok(()) => {
-                    if let Some(msg) = self.accept(msg) {
-                        return Ok(Some(SourceItem::Frame(self.envelope_of(msg))));
+                    if let Some(envelope) = self.accept(msg) {
+                        return Ok(Some(SourceItem::Frame(envelope)));
                     }
                 }
                 Err(zmq::Error::EAGAIN) if wait_ms.is_none() => looked = true,

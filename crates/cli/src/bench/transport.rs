@@ -20,8 +20,8 @@
 //!    timestamp to the moment the application gets the message.
 //!
 //! Raw libzmq uses the same high-water marks, payload sizes and pacing: one
-//! frame per message, a topic as long as ours (subscribed to, so it is
-//! filtered as ours is), then the payload, which carries the bench's counter
+//! frame per message, a topic as long as ours (subscribed to, so libzmq
+//! filters it by prefix), then the payload, which carries the bench's counter
 //! and timestamp. Raw async-nats likewise publishes on a subject as long as
 //! ours, from a thread of its own, with the same pacing. Latency runs
 //! alternate between the transports, three rounds, and report each
@@ -64,7 +64,9 @@ use crate::pace::Pacer;
 const QUIET: Duration = Duration::from_millis(500);
 
 /// The raw baseline's topic: as long as an eventplane subject with its NUL,
-/// and filtered by the subscriber the same way, so both pay for matching.
+/// and subscribed to, as a plain libzmq user would. (eventplane's subscriber
+/// subscribes to everything and checks the prefix itself: each publisher's
+/// socket carries one channel; docs/wire-format.md §5.3.)
 const RAW_TOPIC: &[u8] = b"ep.bench.transport.t1\0";
 
 /// What one trial asks for.
