@@ -434,6 +434,57 @@ mod tests {
         assert_eq!(p.stats().errors, 1);
     }
 
+    /// A sink that records frames and reports the subscriptions it is told of.
+    struct Joining {
+        frames: Capture,
+        joined: Arc<AtomicU64>,
+    }
+    impl FrameSink for Joining {
+        fn send(&mut self, head: &[u8], payload: &[u8]) -> Result<(), SendError> {
+            self.frames.send(head, payload)
+        }
+        fn take_joined(&mut self) -> u64 {
+            self.joined.swap(0, Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn drive_welcomes_at_once_and_otherwise_heartbeats_only_when_idle() {
+        let frames = Capture::default();
+        let joined = Arc::new(AtomicU64::new(0));
+        let sink = Joining {
+            frames: frames.clone(),
+            joined: joined.clone(),
+        };
+        let p = Publisher::new(channel(), Identity::new(5), 1 << 20, Box::new(sink));
+        let kinds = || -> Vec<(Kind, u64)> {
+            frames
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let h = crate::envelope::decode(f).unwrap().header;
+                    (h.kind, h.seq)
+                })
+                .collect()
+        };
+        p.publish_bytes(b"a").unwrap();
+        let sent_ns = unix_nanos();
+        let second = 1_000_000_000;
+        // Busy, nobody new: nothing.
+        assert_eq!(p.drive(sent_ns, second), 0);
+        assert_eq!(kinds(), vec![(Kind::Data, 1)]);
+        // Busy, but two subscribers joined: welcomed at once.
+        joined.store(2, Ordering::Relaxed);
+        assert_eq!(p.drive(sent_ns, second), 2);
+        assert_eq!(kinds(), vec![(Kind::Data, 1), (Kind::Heartbeat, 1)]);
+        // Idle for the interval: a heartbeat announcing the last number.
+        assert_eq!(p.drive(unix_nanos() + second, second), 0);
+        assert_eq!(kinds().len(), 3);
+        assert_eq!(kinds()[2], (Kind::Heartbeat, 1));
+    }
+
     #[test]
     fn incarnations_increase() {
         let a = Identity::new(1);
