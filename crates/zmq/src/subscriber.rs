@@ -120,6 +120,11 @@ pub struct ZmqSource {
     /// `malloc` and `free` were ~5 % of the receiving threads' samples
     /// (libzmq's own included).
     arena: bytes::BytesMut,
+    /// The message each receive fills: reused (libzmq releases what it held
+    /// first), so a message costs no `zmq_msg_init` and no separate close.
+    /// [`accept`](Self::accept) takes it over only for envelopes it keeps
+    /// without a copy.
+    received: zmq::Message,
 }
 
 /// Size of the chunks [`ZmqSource::arena`] cuts small envelopes from.
@@ -214,6 +219,7 @@ pub async fn subscribe_to(
         ctx: ctx.clone(),
         rcvtimeo: -1,
         arena: bytes::BytesMut::new(),
+        received: zmq::Message::new(),
     };
     Ok(RawSubscriber::new(
         channel.clone(),
@@ -342,20 +348,20 @@ impl ZmqSource {
         let mut batch = Vec::new();
         self.drained = false;
         while batch.len() < BATCH_MESSAGES {
-            let mut msg = zmq::Message::new();
-            if self.sub.recv(&mut msg, zmq::DONTWAIT).is_err() {
+            if self.sub.recv(&mut self.received, zmq::DONTWAIT).is_err() {
                 self.drained = true;
                 break;
             }
-            if let Some(envelope) = self.accept(msg) {
+            if let Some(envelope) = self.accept() {
                 batch.push(envelope);
             }
         }
         (!batch.is_empty()).then_some(batch)
     }
 
-    /// Checks a message just received (reading the rest of it if it has
-    /// more frames), counts it, and returns its envelope: `None` if it was
+    /// Checks the message just received into [`received`](Self::received)
+    /// (reading the rest of it if it has more frames), counts it, and
+    /// returns its envelope: `None` if it was
     /// dropped (counted, logged once) or was a [`WAKE`].
     ///
     /// Large envelopes keep libzmq's buffer (no copy); small ones are copied
@@ -364,9 +370,9 @@ impl ZmqSource {
     /// `Deref` of a `zmq::Message` is two calls into libzmq (data and size,
     /// each checking the message), ~75 instructions, and doing it once per
     /// use cost ~300 instructions a message in callgrind of the bench.
-    fn accept(&mut self, msg: zmq::Message) -> Option<Bytes> {
-        let more = msg.get_more();
-        let frame: &[u8] = &msg;
+    fn accept(&mut self) -> Option<Bytes> {
+        let more = self.received.get_more();
+        let frame: &[u8] = &self.received;
         if frame == WAKE {
             self.commands_armed = false;
             return None;
@@ -408,6 +414,7 @@ impl ZmqSource {
             return None;
         }
         if envelope.len() > COPY_BELOW {
+            let msg = std::mem::replace(&mut self.received, zmq::Message::new());
             return Some(Bytes::from_owner(Frame(msg)).slice(self.prefix.len()..));
         }
         if self.arena.capacity() - self.arena.len() < envelope.len() {
@@ -557,10 +564,9 @@ impl FrameSource for ZmqSource {
                 None
             };
             let flags = if wait_ms.is_some() { 0 } else { zmq::DONTWAIT };
-            let mut msg = zmq::Message::new();
-            match self.sub.recv(&mut msg, flags) {
+            match self.sub.recv(&mut self.received, flags) {
                 Ok(()) => {
-                    if let Some(envelope) = self.accept(msg) {
+                    if let Some(envelope) = self.accept() {
                         return Ok(Some(SourceItem::Frame(envelope)));
                     }
                 }
