@@ -4,8 +4,10 @@
 //! - [`frontend`]: the frontend's routing overhead.
 //! - [`index`]: replaying a KV workload through the prefix index.
 //! - [`relay`]: engine KV events through the relay.
+//! - [`host`]: how busy the (virtual) host was meanwhile.
 
 pub mod frontend;
+pub mod host;
 pub mod index;
 pub mod relay;
 pub mod transport;

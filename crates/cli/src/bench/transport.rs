@@ -34,6 +34,11 @@
 //! over minutes the second is the steadier: the halves of a pair see the
 //! same host.
 //!
+//! Each row also shows the share of CPU time the hypervisor stole from this
+//! VM while its size and process layout ran (`host_steal_pct`; per latency
+//! round in `latency_rounds_steal_pct`), and the header the share over the
+//! whole run: runs taken on a busy host show it (see [`super::host`]).
+//!
 //! eventplane's subscriber receives, by default (`--receive auto`), over ZMQ
 //! on a thread of its own blocked in `recv_blocking`, as the raw libzmq
 //! baseline's blocks in `zmq_recv`; over NATS (and in process) with
@@ -55,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::median;
+use super::{host, median};
 use crate::args::{BenchPeerArgs, BenchTransport, ReceiveOn, TransportBenchArgs};
 use crate::pace::Pacer;
 
@@ -167,6 +172,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let mut rows = Vec::new();
+    let run_start = host::CpuTimes::now();
     for &size in &a.sizes {
         for mode in [Mode::OneProcess, Mode::TwoProcess] {
             if mode == Mode::TwoProcess && !a.two_process {
@@ -193,6 +199,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     nats_url: nats_url.clone().unwrap_or_default(),
                 })
                 .collect();
+            let group_start = host::CpuTimes::now();
             let group = if a.latency_only {
                 rigs.iter().map(|rig| row_head(rig, size)).collect()
             } else {
@@ -201,8 +208,10 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             // Latency: rounds alternate between the transports.
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
             let mut lost = vec![0u64; rigs.len()];
+            let mut round_steal: Vec<Vec<Option<f64>>> = vec![Vec::new(); rigs.len()];
             for _ in 0..a.latency_rounds {
                 for (k, rig) in rigs.iter_mut().enumerate() {
+                    let round_start = host::CpuTimes::now();
                     let spec = Spec {
                         size,
                         count: (a.latency_rate as f64 * a.latency_s) as u64,
@@ -215,10 +224,13 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     let q =
                         |p: f64| (t.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
                     samples[k].push([q(0.5), q(0.99), q(0.999)]);
+                    round_steal[k].push(host::steal_pct(round_start, host::CpuTimes::now()));
                     lost[k] += t.lost();
                 }
             }
+            let steal = host::steal_pct(group_start, host::CpuTimes::now());
             for (k, mut row) in group.into_iter().enumerate() {
+                row["host_steal_pct"] = json!(steal);
                 let percentile = |i: usize| median(samples[k].iter().map(|s| s[i]).collect());
                 row["latency_rate"] = json!(a.latency_rate);
                 row["latency_lost"] = json!(lost[k]);
@@ -226,6 +238,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 row["p99_us"] = json!(percentile(1));
                 row["p99_9_us"] = json!(percentile(2));
                 row["latency_rounds"] = json!(samples[k]);
+                row["latency_rounds_steal_pct"] = json!(round_steal[k]);
                 eprintln!("{row}");
                 rows.push(row);
             }
@@ -276,12 +289,13 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             rows[i]["p99_vs_raw_paired"] = paired("latency_rounds", Some(1));
         }
     }
+    let run_steal = host::steal_pct(run_start, host::CpuTimes::now());
     if a.json {
         for r in &rows {
             println!("{r}");
         }
     } else {
-        print_table(&rows, &a);
+        print_table(&rows, &a, run_steal);
     }
     Ok(())
 }
@@ -305,18 +319,21 @@ fn hundredths(x: f64) -> serde_json::Value {
     json!((x * 100.0).round() / 100.0)
 }
 
-fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
+/// The table on stdout. `run_steal` is the host's steal over the whole run
+/// (each row's column: over its size and process layout's trials).
+fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs, run_steal: Option<f64>) {
     println!(
-        "transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}",
+        "transport bench: {} s trials; latency at {} msg/s for {} s; HWM {}; host CPU stolen by the hypervisor during the run: {}",
         a.trial_s,
         a.latency_rate,
         a.latency_s,
-        rows.first().map(|r| r["hwm"].clone()).unwrap_or_default()
+        rows.first().map(|r| r["hwm"].clone()).unwrap_or_default(),
+        run_steal.map_or("unknown".to_owned(), |s| format!("{s} %")),
     );
     println!(
-        "| transport | procs | size B | sustained msg/s | vs raw | paired | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw | paired |"
+        "| transport | procs | size B | sustained msg/s | vs raw | paired | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw | paired | steal % |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::Number(n) => n
@@ -333,7 +350,7 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
     };
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             f(&r["transport"]),
             f(&r["processes"]),
             f(&r["size"]),
@@ -350,6 +367,7 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs) {
             f(&r["p99_9_us"]),
             f(&r["p99_vs_raw"]),
             f(&r["p99_vs_raw_paired"]),
+            f(&r["host_steal_pct"]),
         );
     }
 }
