@@ -225,38 +225,8 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                         count: (a.latency_rate as f64 * a.latency_s) as u64,
                         rate: a.latency_rate as f64,
                     };
-                    // The quietest attempt so far, and its steal.
-                    let mut kept: Option<(Trial, Option<f64>)> = None;
-                    for attempt in 0..=MAX_STEAL_REPEATS {
-                        if attempt > 0 {
-                            repeated[k] += 1;
-                        }
-                        let round_start = host::CpuTimes::now();
-                        let t = rig
-                            .trial(spec)
-                            .await
-                            .with_context(|| format!("{} latency", name(rig.transport)))?;
-                        let steal = host::steal_pct(round_start, host::CpuTimes::now());
-                        let quieter = match (&kept, steal) {
-                            (None, _) => true,
-                            (Some((_, Some(best))), Some(s)) => s < *best,
-                            (Some(_), _) => false,
-                        };
-                        if quieter {
-                            kept = Some((t, steal));
-                        }
-                        let busy = matches!((a.max_steal, steal), (Some(max), Some(s)) if s > max);
-                        if !busy {
-                            break;
-                        }
-                        tracing::info!(
-                            transport = name(rig.transport),
-                            steal_pct = steal,
-                            attempt,
-                            "latency round taken while the host was busy"
-                        );
-                    }
-                    let (t, steal) = kept.expect("at least one attempt ran");
+                    let (t, steal, repeats) = latency_round(rig, spec, a.max_steal).await?;
+                    repeated[k] += repeats;
                     let q =
                         |p: f64| (t.latency_ns.value_at_quantile(p) as f64 / 100.0).round() / 10.0;
                     samples[k].push([q(0.5), q(0.99), q(0.999)]);
@@ -335,6 +305,46 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
         print_table(&rows, &a, run_steal);
     }
     Ok(())
+}
+
+/// One latency round of `rig`: the trial, the host's steal during it, and
+/// how many times it was run again because more than `max_steal` % was
+/// stolen (at most [`MAX_STEAL_REPEATS`]; the quietest attempt is kept).
+async fn latency_round(
+    rig: &mut Rig,
+    spec: Spec,
+    max_steal: Option<f64>,
+) -> anyhow::Result<(Trial, Option<f64>, u32)> {
+    let mut kept: Option<(Trial, Option<f64>)> = None;
+    let mut repeats = 0;
+    loop {
+        let start = host::CpuTimes::now();
+        let t = rig
+            .trial(spec)
+            .await
+            .with_context(|| format!("{} latency", name(rig.transport)))?;
+        let steal = host::steal_pct(start, host::CpuTimes::now());
+        let quieter = match (&kept, steal) {
+            (None, _) => true,
+            (Some((_, Some(best))), Some(s)) => s < *best,
+            (Some(_), _) => false,
+        };
+        if quieter {
+            kept = Some((t, steal));
+        }
+        let busy = matches!((max_steal, steal), (Some(max), Some(s)) if s > max);
+        if !busy || repeats == MAX_STEAL_REPEATS {
+            let (t, steal) = kept.expect("set by the first attempt");
+            return Ok((t, steal, repeats));
+        }
+        repeats += 1;
+        tracing::info!(
+            transport = name(rig.transport),
+            steal_pct = steal,
+            repeats,
+            "latency round taken while the host was busy; running it again"
+        );
+    }
 }
 
 /// The median of `ours[k] / base[k]` over the rounds both have. Rounds of a
