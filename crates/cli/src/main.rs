@@ -31,7 +31,9 @@ fn main() -> std::process::ExitCode {
         tracing_subscriber::EnvFilter::try_from_env("EVENTPLANE_LOG").unwrap_or_else(|_| {
             // async-nats logs every client event at info (one line per
             // slow-consumer drop); the transport counts and logs them once.
-            tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn"))
+            // notify (file discovery's directory watcher) logs at info when
+            // a watched directory is removed, which says nothing to act on.
+            tracing_subscriber::EnvFilter::new(format!("{level},async_nats=warn,notify=warn"))
         });
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
