@@ -313,9 +313,9 @@ pub struct TransportBenchArgs {
     pub latency_rounds: u32,
     /// Repeat a latency round (up to 3 more times, then keep the quietest
     /// attempt) while the hypervisor takes more than this percentage of the
-    /// VM's CPU during it ("steal", from /proc/stat). On a shared VM p99 follows the neighbours' load
-    /// round by round; this keeps the rounds compared to the quieter
-    /// moments, the same rule for every transport. Likewise a throughput
+    /// VM's CPU during it ("steal", from /proc/stat). On a shared VM p99
+    /// follows the neighbours' load round by round; this keeps the rounds
+    /// compared to the quieter moments, the same rule for every transport. Likewise a throughput
     /// trial that loses messages while the host is that busy is run again
     /// (up to 3 times a step) instead of counting as a failure. The JSON
     /// rows list each kept round's steal and how many rounds and trials

@@ -117,9 +117,8 @@ pub struct ZmqSource {
     /// Where small envelopes are copied: a chunk of [`ARENA_CHUNK`] bytes
     /// shared by the envelopes cut from it (reused from its start once the
     /// last of them is dropped, else freed then), instead of an allocation
-    /// each. In `perf` of a 100 B bench,
-    /// `malloc` and `free` were ~5 % of the receiving threads' samples
-    /// (libzmq's own included).
+    /// each. In `perf` of a 100 B bench, `malloc` and `free` were ~5 % of
+    /// the receiving threads' samples (libzmq's own included).
     arena: bytes::BytesMut,
     /// The message each receive fills: reused (libzmq releases what it held
     /// first), so a message costs no `zmq_msg_init` and no separate close.
@@ -362,8 +361,8 @@ impl ZmqSource {
 
     /// Checks the message just received into [`received`](Self::received)
     /// (reading the rest of it if it has more frames), counts it, and
-    /// returns its envelope: `None` if it was
-    /// dropped (counted, logged once) or was a [`WAKE`].
+    /// returns its envelope: `None` if it was dropped (counted, logged once)
+    /// or was a [`WAKE`].
     ///
     /// Large envelopes keep libzmq's buffer (no copy); small ones are copied
     /// into [`ZmqSource::arena`], one allocation shared by many messages

@@ -46,7 +46,7 @@ impl CpuTimes {
 
     /// The percentage of CPU time stolen between `self` and `later`, to one
     /// decimal; `None` if no tick passed.
-    pub fn steal_pct_until(self, later: Self) -> Option<f64> {
+    fn steal_pct_until(self, later: Self) -> Option<f64> {
         let total = later.total.checked_sub(self.total)?;
         let steal = later.steal.checked_sub(self.steal)?;
         (total > 0).then(|| (steal as f64 * 1000.0 / total as f64).round() / 10.0)

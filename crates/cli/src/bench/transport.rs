@@ -72,9 +72,10 @@ use crate::pace::Pacer;
 /// rest of a trial is lost.
 const QUIET: Duration = Duration::from_millis(500);
 
-/// How many times one latency round is run again while the host is busier
-/// than `--max-steal` (after that the quietest attempt is kept, so that a
-/// run always ends).
+/// Under `--max-steal`, how many times one latency round is run again while
+/// the host is busier than that (then the quietest attempt is kept), and how
+/// many failed throughput trials of one bisection step may be run again
+/// instead of counting: so that a run on a busy host still ends.
 const MAX_STEAL_REPEATS: u32 = 3;
 
 /// The raw baseline's topic: as long as an eventplane subject with its NUL,
