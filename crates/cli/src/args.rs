@@ -307,8 +307,9 @@ pub struct TransportBenchArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 3.0)]
     pub latency_s: f64,
-    /// Latency rounds per transport (alternating between transports); each
-    /// percentile reported is the median of the rounds.
+    /// Latency rounds per transport, alternating between transports (in
+    /// reverse order every other round, so none always follows the same
+    /// other); each percentile reported is the median of the rounds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub latency_rounds: u32,
     /// Repeat a latency round (up to 3 more times, then keep the quietest

@@ -10,7 +10,8 @@
 //!    the publisher's unpaced rate, with trials of `--trial-s` seconds (a
 //!    failed trial is tried once more before the rate counts as too high).
 //!    The bisections of all transports run in lockstep, one trial of each
-//!    in turn, `--throughput-rounds` times; the median is reported.
+//!    in turn (in the opposite order at every other step),
+//!    `--throughput-rounds` times; the median is reported.
 //! 2. **Past it**: an unpaced trial, where the publisher outruns the
 //!    subscriber. For eventplane, every lost message must be reported by
 //!    sequence tracking (`unreported` must be 0); raw libzmq loses silently,
@@ -24,7 +25,8 @@
 //! filters it by prefix), then the payload, which carries the bench's counter
 //! and timestamp. Raw async-nats likewise publishes on a subject as long as
 //! ours, from a thread of its own, with the same pacing. Latency runs
-//! alternate between the transports, three rounds, and report each
+//! alternate between the transports (in the opposite order at every other
+//! round: A B, B A, ...), three rounds, and report each
 //! percentile's median, so that a noisy moment of the machine does not land
 //! on one transport only.
 //!
@@ -215,13 +217,15 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             } else {
                 throughput(&mut rigs, size, &a).await?
             };
-            // Latency: rounds alternate between the transports.
+            // Latency: rounds alternate between the transports, the order reversed
+            // every other round (see `turn_order`).
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
             let mut lost = vec![0u64; rigs.len()];
             let mut round_steal: Vec<Vec<Option<f64>>> = vec![Vec::new(); rigs.len()];
             let mut repeated = vec![0u32; rigs.len()];
-            for _ in 0..a.latency_rounds {
-                for (k, rig) in rigs.iter_mut().enumerate() {
+            for round in 0..a.latency_rounds {
+                for k in turn_order(rigs.len(), round) {
+                    let rig = &mut rigs[k];
                     let spec = Spec {
                         size,
                         count: (a.latency_rate as f64 * a.latency_s) as u64,
@@ -313,6 +317,19 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
 /// under `--max-steal` (never without it, or where steal is unknown).
 fn busier_than(max_steal: Option<f64>, steal: Option<f64>) -> bool {
     matches!((max_steal, steal), (Some(max), Some(s)) if s > max)
+}
+
+/// The order in which `n` transports take their turn in round `round`:
+/// forwards in even rounds, backwards in odd ones. Whatever a trial leaves
+/// behind for the next one (a server collecting its garbage, connections
+/// closing) then falls on each transport alike, not always on the one that
+/// follows the same other.
+fn turn_order(n: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
+    if round % 2 == 0 {
+        Box::new(0..n)
+    } else {
+        Box::new((0..n).rev())
+    }
 }
 
 /// One latency round of `rig`: the trial, the host's steal during it, and
@@ -461,8 +478,12 @@ async fn throughput(
     let mut repeated = vec![0u32; rigs.len()];
     for _ in 0..a.throughput_rounds {
         let mut searches: Vec<Bisection> = tops.iter().map(|&t| Bisection::new(t)).collect();
-        while searches.iter().any(|s| s.next_rate().is_some()) {
-            for (k, (rig, search)) in rigs.iter_mut().zip(&mut searches).enumerate() {
+        for step in 0.. {
+            if searches.iter().all(|s| s.next_rate().is_none()) {
+                break;
+            }
+            for k in turn_order(rigs.len(), step) {
+                let (rig, search) = (&mut rigs[k], &mut searches[k]);
                 let Some(rate) = search.next_rate() else {
                     continue;
                 };
@@ -1189,4 +1210,18 @@ fn send_raw_nats(
         client.flush().await?;
         Ok((spec.count, send_s))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_go_forwards_then_backwards() {
+        let rounds: Vec<Vec<usize>> = (0..3).map(|r| turn_order(3, r).collect()).collect();
+        assert_eq!(rounds, [vec![0, 1, 2], vec![2, 1, 0], vec![0, 1, 2]]);
+        // Over a pair of rounds each transport goes first once (two of them).
+        let firsts: Vec<usize> = (0..2).filter_map(|r| turn_order(2, r).next()).collect();
+        assert_eq!(firsts, [0, 1]);
+    }
 }
