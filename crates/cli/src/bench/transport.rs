@@ -325,7 +325,7 @@ fn busier_than(max_steal: Option<f64>, steal: Option<f64>) -> bool {
 /// closing) then falls on each transport alike, not always on the one that
 /// follows the same other.
 fn turn_order(n: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         Box::new(0..n)
     } else {
         Box::new((0..n).rev())
