@@ -316,11 +316,11 @@ pub struct TransportBenchArgs {
     /// attempt) while the hypervisor takes more than this percentage of the
     /// VM's CPU during it ("steal", from /proc/stat). On a shared VM p99
     /// follows the neighbours' load round by round; this keeps the rounds
-    /// compared to the quieter moments, the same rule for every transport. Likewise a throughput
-    /// trial that loses messages while the host is that busy is run again
-    /// (up to 3 times a step) instead of counting as a failure. The JSON
-    /// rows list each kept round's steal and how many rounds and trials
-    /// were repeated. Default: keep every round and trial.
+    /// compared to the quieter moments, the same rule for every transport.
+    /// Likewise a throughput trial that loses messages while the host is
+    /// that busy is run again (up to 3 times a step) instead of counting as
+    /// a failure. The JSON rows list each kept round's steal and how many
+    /// rounds and trials were repeated. Default: keep every round and trial.
     #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub max_steal: Option<f64>,
     /// Measure latency only: skip the throughput bisection and the unpaced

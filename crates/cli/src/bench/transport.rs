@@ -324,12 +324,9 @@ fn busier_than(max_steal: Option<f64>, steal: Option<f64>) -> bool {
 /// behind for the next one (a server collecting its garbage, connections
 /// closing) then falls on each transport alike, not always on the one that
 /// follows the same other.
-fn turn_order(n: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
-    if round.is_multiple_of(2) {
-        Box::new(0..n)
-    } else {
-        Box::new((0..n).rev())
-    }
+fn turn_order(n: usize, round: u32) -> impl Iterator<Item = usize> {
+    let backwards = !round.is_multiple_of(2);
+    (0..n).map(move |i| if backwards { n - 1 - i } else { i })
 }
 
 /// One latency round of `rig`: the trial, the host's steal during it, and
