@@ -323,6 +323,14 @@ pub struct TransportBenchArgs {
     /// rounds and trials were repeated. Default: keep every round and trial.
     #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub max_steal: Option<f64>,
+    /// Also run each baseline a second time, as a row of its own
+    /// (`raw-libzmq-control`, `raw-async-nats-control`) taking its turns and
+    /// compared with the baseline like the other transports. Two runs of the
+    /// same code differ only by the host's noise, so the control's ratios show
+    /// how far from 1.00 a ratio lands by chance during this run: the
+    /// resolution of the others.
+    #[arg(long)]
+    pub control: bool,
     /// Measure latency only: skip the throughput bisection and the unpaced
     /// trial (their columns are left empty). For quick comparisons while
     /// tuning; the README's table comes from a full run.

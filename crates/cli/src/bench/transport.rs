@@ -30,6 +30,12 @@
 //! percentile's median, so that a noisy moment of the machine does not land
 //! on one transport only.
 //!
+//! With `--control`, each baseline runs a second time as a row of its own
+//! (`…-control`), taking its turns beside the baseline as ours do and
+//! compared with it the same way. Its ratios differ from 1.00 only by the
+//! host's noise: how far they stray is how far apart two runs of the same
+//! code land during this run, the resolution of the other ratios.
+//!
 //! Each ratio to the baseline is given twice: the ratio of the medians, and
 //! the median of the paired ratios (each round of ours against the
 //! baseline's round run next to it). On a shared host whose speed drifts
@@ -190,12 +196,11 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             if mode == Mode::TwoProcess && !a.two_process {
                 continue;
             }
-            let mut rigs: Vec<Rig> = a
-                .transports
-                .iter()
-                .filter(|&&t| !(mode == Mode::TwoProcess && t == BenchTransport::Mem))
-                .map(|&t| Rig {
+            let mut rigs: Vec<Rig> = lineup(&a.transports, mode, a.control)
+                .into_iter()
+                .map(|(t, control)| Rig {
                     transport: t,
+                    control,
                     receive: match (a.receive, t) {
                         // The baselines receive as they always do: raw libzmq
                         // blocks on its thread, raw async-nats awaits.
@@ -313,6 +318,21 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rigs of one process layout, in turn order, as (transport, control):
+/// the transports that layout has (the in-process one has no second
+/// process), and under `control` each baseline's control right after it, so
+/// that it takes its turns next to the baseline as ours do.
+fn lineup(transports: &[BenchTransport], mode: Mode, control: bool) -> Vec<(BenchTransport, bool)> {
+    transports
+        .iter()
+        .filter(|&&t| !(mode == Mode::TwoProcess && t == BenchTransport::Mem))
+        .flat_map(|&t| {
+            let with_control = control && baseline(t) == t;
+            std::iter::once((t, false)).chain(with_control.then_some((t, true)))
+        })
+        .collect()
+}
+
 /// Whether a trial with `steal` % stolen counts as taken on a busy host
 /// under `--max-steal` (never without it, or where steal is unknown).
 fn busier_than(max_steal: Option<f64>, steal: Option<f64>) -> bool {
@@ -344,7 +364,7 @@ async fn latency_round(
         let t = rig
             .trial(spec)
             .await
-            .with_context(|| format!("{} latency", name(rig.transport)))?;
+            .with_context(|| format!("{} latency", rig.name()))?;
         let steal = host::steal_pct(start, host::CpuTimes::now());
         let quieter = match (&kept, steal) {
             (None, _) => true,
@@ -360,7 +380,7 @@ async fn latency_round(
         }
         repeats += 1;
         tracing::info!(
-            transport = name(rig.transport),
+            transport = rig.name(),
             steal_pct = steal,
             repeats,
             "latency round taken while the host was busy; running it again"
@@ -461,7 +481,7 @@ async fn throughput(
     size: usize,
     a: &TransportBenchArgs,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let what = |rig: &Rig| format!("{} {:?} {size} B", name(rig.transport), rig.mode);
+    let what = |rig: &Rig| format!("{} {:?} {size} B", rig.name(), rig.mode);
     let mut rows = Vec::with_capacity(rigs.len());
     // What each rig's publisher offers unpaced: where its bisections start.
     let mut tops = Vec::with_capacity(rigs.len());
@@ -630,7 +650,7 @@ impl Bisection {
 /// The fields that name a row of the table.
 fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
     json!({
-        "transport": name(rig.transport),
+        "transport": rig.name(),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
         "hwm": rig.hwm,
@@ -643,6 +663,9 @@ fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
 
 struct Rig {
     transport: BenchTransport,
+    /// A second run of a baseline, compared with the first like any other
+    /// transport (`--control`).
+    control: bool,
     receive: ReceiveOn,
     mode: Mode,
     hwm: i32,
@@ -651,6 +674,16 @@ struct Rig {
 }
 
 impl Rig {
+    /// The row's name: the transport's, with `-control` for a control run.
+    fn name(&self) -> String {
+        let base = name(self.transport);
+        if self.control {
+            format!("{base}-control")
+        } else {
+            base.to_owned()
+        }
+    }
+
     async fn trial(&mut self, spec: Spec) -> anyhow::Result<Trial> {
         self.seq += 1;
         match (self.transport, self.mode) {
@@ -1212,6 +1245,34 @@ fn send_raw_nats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controls_follow_their_baselines() {
+        use BenchTransport::*;
+        let transports = with_baselines(&[Mem, Zmq, Nats]);
+        assert_eq!(
+            lineup(&transports, Mode::OneProcess, true),
+            [
+                (Mem, false),
+                (Zmq, false),
+                (RawZmq, false),
+                (RawZmq, true),
+                (Nats, false),
+                (RawNats, false),
+                (RawNats, true),
+            ]
+        );
+        // No in-process rows across two processes; no controls unless asked.
+        assert_eq!(
+            lineup(&transports, Mode::TwoProcess, false),
+            [
+                (Zmq, false),
+                (RawZmq, false),
+                (Nats, false),
+                (RawNats, false)
+            ]
+        );
+    }
 
     #[test]
     fn turns_go_forwards_then_backwards() {
