@@ -293,7 +293,7 @@ pub struct TransportBenchArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub two_process: bool,
     /// Seconds per throughput trial.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive_seconds)]
     pub trial_s: f64,
     /// Throughput bisections per transport. Each step of a bisection runs
     /// every transport's trial in turn (so a noisy moment of the machine
@@ -302,10 +302,10 @@ pub struct TransportBenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub throughput_rounds: u32,
     /// Offered rate of the latency run, messages per second.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub latency_rate: u64,
-    /// Seconds of the latency run.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds of each latency round.
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub latency_s: f64,
     /// Latency rounds per transport, alternating between transports (in
     /// reverse order every other round, so none always follows the same
@@ -461,6 +461,15 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
         _ => Err(format!("expected a percentage from 0 to 100, got `{s}`")),
+    }
+}
+
+/// A duration in seconds: finite and above zero (a trial of no time would
+/// send nothing and pass at any rate).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a number of seconds > 0, got `{s}`")),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The bench commands end to end, small: `bench index` on workloads written
-//! here (the JSON it prints, its verdict on the fingerprint, its errors) and
-//! `bench relay` (every engine block event arrives, none lost).
+//! here (the JSON it prints, its verdict on the fingerprint, its errors),
+//! `bench relay` (every engine block event arrives, none lost) and a short
+//! `bench transport` (its rows, the control's, and its flags' checks).
 
 use std::process::Command;
 
@@ -136,4 +137,60 @@ fn relay_bench_relays_every_block_event() {
     assert_eq!(v["decode_errors"], 0);
     assert_eq!(v["unhashable_blocks"], 0);
     assert!(v["block_events_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn transport_bench_runs_a_control_beside_its_baseline() {
+    // In process only, latency only, one short round: mem against raw libzmq,
+    // and raw libzmq's control.
+    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(
+            "bench transport --transports mem --sizes 100 --two-process false \
+             --latency-only --latency-rounds 1 --latency-s 0.2 --control --json"
+                .split_whitespace(),
+        )
+        .env("EVENTPLANE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["eventplane-mem", "raw-libzmq", "raw-libzmq-control"]
+    );
+    for r in &rows {
+        assert_eq!(r["latency_lost"], 0, "{r}");
+        assert!(r["p99_us"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // The baseline against itself is 1 by definition; its control is a
+    // ratio like ours, measured.
+    assert_eq!(rows[1]["p99_vs_raw"], 1.0);
+    assert!(rows[2]["p99_vs_raw"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn transport_bench_refuses_a_trial_of_no_time() {
+    for flag in ["--latency-s", "--trial-s"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+            .args(["bench", "transport", flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("expected a number of seconds > 0, got `0`"),
+            "{stderr}"
+        );
+    }
 }
