@@ -3,6 +3,8 @@
 //! `bench relay` (every engine block event arrives, none lost) and a short
 //! `bench transport` (its rows, the control's, and its flags' checks).
 
+mod common;
+
 use std::process::Command;
 
 /// Three workers; worker 1 holds a 3-block chain, worker 2 its first two
@@ -120,16 +122,7 @@ fn a_bad_workload_is_named_with_its_line() {
 
 #[test]
 fn relay_bench_relays_every_block_event() {
-    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
-        .args(["bench", "relay", "--batches", "200", "--runs", "1"])
-        .env("EVENTPLANE_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_ok(["bench", "relay", "--batches", "200", "--runs", "1"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // 200 batches of 16 stored blocks, 199 removals of 15.
     assert_eq!(v["block_events"], 200 * 16 + 199 * 15);
@@ -143,19 +136,10 @@ fn relay_bench_relays_every_block_event() {
 fn transport_bench_runs_a_control_beside_its_baseline() {
     // In process only, latency only, one short round: mem against raw libzmq,
     // and raw libzmq's control.
-    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
-        .args(
-            "bench transport --transports mem --sizes 100 --two-process false \
-             --latency-only --latency-rounds 1 --latency-s 0.2 --control --json"
-                .split_whitespace(),
-        )
-        .env("EVENTPLANE_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        "bench transport --transports mem --sizes 100 --two-process false \
+         --latency-only --latency-rounds 1 --latency-s 0.2 --control --json"
+            .split_whitespace(),
     );
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -2,8 +2,9 @@
 //! requests of the shared trace through real workers and a frontend, and
 //! the JSON report holds what the README's table shows.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
 #[test]
 fn demo_replays_the_trace_in_every_mode() {
@@ -18,17 +19,17 @@ fn demo_replays_the_trace_in_every_mode() {
         eprintln!("skipping: {} not found", trace.display());
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
-        .args(["demo", "--requests", "200", "--speedup", "100", "--json"])
-        .arg("--trace")
-        .arg(&trace)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let trace = trace.to_str().expect("a UTF-8 path");
+    let out = common::run_ok([
+        "demo",
+        "--requests",
+        "200",
+        "--speedup",
+        "100",
+        "--json",
+        "--trace",
+        trace,
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();

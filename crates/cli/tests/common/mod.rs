@@ -12,6 +12,24 @@ use std::time::{Duration, Instant};
 /// How long any one expected line may take.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Runs `eventplane ARGS` to completion (logging warnings only) and returns
+/// its output; fails the test, with the process's stderr, if it failed.
+pub fn run_ok<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(args)
+        .env("EVENTPLANE_LOG", "warn")
+        .output()
+        .expect("the eventplane binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A running `eventplane` process.
 pub struct Proc {
     pub name: String,
