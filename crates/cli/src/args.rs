@@ -457,27 +457,30 @@ pub struct FrontendArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
-fn parse_percent(s: &str) -> Result<f64, String> {
+/// A number that `ok` accepts, or an error saying what was `expected`.
+fn parse_f64_where(s: &str, ok: impl Fn(f64) -> bool, expected: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v),
-        _ => Err(format!("expected a percentage from 0 to 100, got `{s}`")),
+        Ok(v) if ok(v) => Ok(v),
+        _ => Err(format!("expected {expected}, got `{s}`")),
     }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    parse_f64_where(
+        s,
+        |v| (0.0..=100.0).contains(&v),
+        "a percentage from 0 to 100",
+    )
 }
 
 /// A duration in seconds: finite and above zero (a trial of no time would
 /// send nothing and pass at any rate).
 fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("expected a number of seconds > 0, got `{s}`")),
-    }
+    parse_f64_where(s, |v| v > 0.0 && v.is_finite(), "a number of seconds > 0")
 }
 
 fn non_negative_f64(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("expected a number ≥ 0, got `{s}`")),
-    }
+    parse_f64_where(s, |v| v >= 0.0 && v.is_finite(), "a number ≥ 0")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
