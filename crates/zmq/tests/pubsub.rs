@@ -291,6 +291,9 @@ async fn a_busy_blocking_receiver_joins_a_publisher_that_appears_mid_stream() {
     let n = 2_000u64;
 
     let (joined_tx, mut joined_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Says when the first publisher's stream has reached the receiver, so
+    // that the second publisher appears while the receiver is busy.
+    let (streaming_tx, mut streaming_rx) = tokio::sync::mpsc::unbounded_channel();
     let receiver = std::thread::spawn(move || {
         let mut sub = sub;
         // Next expected sequence number per publisher (ids 1 and 2).
@@ -303,6 +306,9 @@ async fn a_busy_blocking_receiver_joins_a_publisher_that_appears_mid_stream() {
                 Some(Event::Message(m)) => {
                     let k = (m.meta.publisher_id - 1) as usize;
                     assert_eq!(m.meta.seq, expect[k], "publisher {}", k + 1);
+                    if m.meta.publisher_id == 1 && m.meta.seq == 1 {
+                        let _ = streaming_tx.send(());
+                    }
                     expect[k] += 1;
                 }
                 Some(Event::Notice(other)) => panic!("unexpected notice {other:?}"),
@@ -337,6 +343,9 @@ async fn a_busy_blocking_receiver_joins_a_publisher_that_appears_mid_stream() {
             (first, sent)
         }
     });
+    tokio::time::timeout(WAIT, streaming_rx.recv())
+        .await
+        .expect("the first publisher's stream reaches the receiver");
     let second = publish_on(&ctx, &*discovery, &ch, Identity::new(2), &opts)
         .await
         .unwrap();
