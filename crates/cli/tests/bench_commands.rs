@@ -154,6 +154,9 @@ fn transport_bench_runs_a_control_beside_its_baseline() {
         ["eventplane-mem", "raw-libzmq", "raw-libzmq-control"]
     );
     for r in &rows {
+        // Every row names what its ratios compare with: the control too,
+        // never itself.
+        assert_eq!(r["baseline"], "raw-libzmq", "{r}");
         assert_eq!(r["latency_lost"], 0, "{r}");
         assert!(r["p99_us"].as_f64().unwrap() > 0.0, "{r}");
     }

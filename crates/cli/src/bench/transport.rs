@@ -264,16 +264,8 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
     }
     // Ratios against the raw baseline with the same size and process layout.
     for i in 0..rows.len() {
-        let base_name = if rows[i]["transport"]
-            .as_str()
-            .is_some_and(|t| t.contains("nats"))
-        {
-            name(BenchTransport::RawNats)
-        } else {
-            name(BenchTransport::RawZmq)
-        };
         let base = rows.iter().find(|r| {
-            r["transport"] == base_name
+            r["transport"] == rows[i]["baseline"]
                 && r["size"] == rows[i]["size"]
                 && r["processes"] == rows[i]["processes"]
         });
@@ -651,6 +643,8 @@ impl Bisection {
 fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
     json!({
         "transport": rig.name(),
+        // What its ratios compare with: a control's is the baseline it repeats.
+        "baseline": name(baseline(rig.transport)),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
         "hwm": rig.hwm,
