@@ -289,7 +289,9 @@ pub struct TransportBenchArgs {
     /// loopback port].
     #[arg(long)]
     pub nats_server: Option<String>,
-    /// Also run publishers in a second process (zmq and raw-zmq).
+    /// Also run every transport but `mem` with its publisher in a second
+    /// process (the bench starts `eventplane bench-peer`); `false`: one
+    /// process only.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub two_process: bool,
     /// Seconds per throughput trial.
