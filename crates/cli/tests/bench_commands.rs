@@ -134,11 +134,11 @@ fn relay_bench_relays_every_block_event() {
 
 #[test]
 fn transport_bench_runs_a_control_beside_its_baseline() {
-    // In process only, latency only, one short round: mem against raw libzmq,
-    // and raw libzmq's control.
+    // In process only, latency only, six short rounds (the fewest that give
+    // an interval): mem against raw libzmq, and raw libzmq's control.
     let out = common::run_ok(
         "bench transport --transports mem --sizes 100 --two-process false \
-         --latency-only --latency-rounds 1 --latency-s 0.2 --control --json"
+         --latency-only --latency-rounds 6 --latency-s 0.1 --control --json"
             .split_whitespace(),
     );
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
@@ -164,6 +164,21 @@ fn transport_bench_runs_a_control_beside_its_baseline() {
     // ratio like ours, measured.
     assert_eq!(rows[1]["p99_vs_raw"], 1.0);
     assert!(rows[2]["p99_vs_raw"].as_f64().unwrap() > 0.0);
+    // Ours and the control are judged against the target from the interval
+    // of their paired ratios, which holds their median; the baseline is not.
+    for r in [&rows[0], &rows[2]] {
+        let paired = r["p99_vs_raw_paired"].as_f64().unwrap();
+        let interval = r["p99_vs_raw_paired_interval"].as_array().unwrap();
+        let (lo, hi) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+        assert!(lo <= paired && paired <= hi, "{r}");
+        let verdict = r["p99_target"].as_str().unwrap();
+        assert!(["met", "missed", "unresolved"].contains(&verdict), "{r}");
+        assert_eq!(verdict == "met", hi <= 1.2, "{r}");
+        // No throughput rounds ran: nothing to pair or judge.
+        assert!(r["throughput_vs_raw_paired_interval"].is_null(), "{r}");
+        assert!(r["throughput_target"].is_null(), "{r}");
+    }
+    assert!(rows[1]["p99_target"].is_null());
 }
 
 #[test]

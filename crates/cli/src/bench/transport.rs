@@ -10,7 +10,7 @@
 //!    the publisher's unpaced rate, with trials of `--trial-s` seconds (a
 //!    failed trial is tried once more before the rate counts as too high).
 //!    The bisections of all transports run in lockstep, one trial of each
-//!    in turn (in the opposite order at every other step),
+//!    in turn (each step starting one transport later, see below),
 //!    `--throughput-rounds` times; the median is reported.
 //! 2. **Past it**: an unpaced trial, where the publisher outruns the
 //!    subscriber. For eventplane, every lost message must be reported by
@@ -25,8 +25,9 @@
 //! filters it by prefix), then the payload, which carries the bench's counter
 //! and timestamp. Raw async-nats likewise publishes on a subject as long as
 //! ours, from a thread of its own, with the same pacing. Latency runs
-//! alternate between the transports (in the opposite order at every other
-//! round: A B, B A, ...), three rounds, and report each
+//! alternate between the transports, each round starting one transport
+//! later than the one before (A B C, B C A, C A B, ...), three rounds, and
+//! report each
 //! percentile's median, so that a noisy moment of the machine does not land
 //! on one transport only.
 //!
@@ -41,6 +42,16 @@
 //! baseline's round run next to it). On a shared host whose speed drifts
 //! over minutes the second is the steadier: the halves of a pair see the
 //! same host.
+//!
+//! With 6 rounds or more, the paired ratio also comes with an interval that
+//! holds the true median of the paired ratios with 95 % confidence
+//! ([`median_interval`](super::median_interval); `…_paired_interval` in
+//! `--json`), and a verdict on the issues' target (`throughput_target`,
+//! `p99_target`): `met` or `missed` when the whole interval lies on one side
+//! of it, else `unresolved`: then the host's noise during this run is wider
+//! than the distance to the target, and more rounds or a quieter host are
+//! what would settle it. A control's verdict shows what the same judgement
+//! makes of two runs of identical code.
 //!
 //! Each row also shows the share of CPU time the hypervisor stole from this
 //! VM while its size and process layout ran (`host_steal_pct`; per latency
@@ -72,7 +83,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{host, median};
+use super::{host, median, median_interval, MEDIAN_CONFIDENCE};
 use crate::args::{BenchPeerArgs, BenchTransport, ReceiveOn, TransportBenchArgs};
 use crate::pace::Pacer;
 
@@ -222,8 +233,8 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             } else {
                 throughput(&mut rigs, size, &a).await?
             };
-            // Latency: rounds alternate between the transports, the order reversed
-            // every other round (see `turn_order`).
+            // Latency: rounds alternate between the transports, each starting
+            // one transport later than the last (see `turn_order`).
             let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); rigs.len()];
             let mut lost = vec![0u64; rigs.len()];
             let mut round_steal: Vec<Vec<Option<f64>>> = vec![Vec::new(); rigs.len()];
@@ -292,11 +303,38 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     .unwrap_or_default()
             };
             let paired = |k: &str, i: Option<usize>| {
-                paired_ratio(&rounds(&row, k, i), &rounds(&base, k, i))
-                    .map_or(serde_json::Value::Null, hundredths)
+                paired_ratios(&rounds(&row, k, i), &rounds(&base, k, i))
             };
-            rows[i]["throughput_vs_raw_paired"] = paired("sustained_rounds", None);
-            rows[i]["p99_vs_raw_paired"] = paired("latency_rounds", Some(1));
+            // The baseline's ratios to itself are 1 by definition: no target
+            // to judge there.
+            let judged = row["transport"] != row["baseline"];
+            for (field, ratios, target) in [
+                (
+                    "throughput",
+                    paired("sustained_rounds", None),
+                    Target::AtLeast(THROUGHPUT_TARGET),
+                ),
+                (
+                    "p99",
+                    paired("latency_rounds", Some(1)),
+                    Target::AtMost(P99_TARGET),
+                ),
+            ] {
+                let interval = median_interval(ratios.clone());
+                rows[i][format!("{field}_vs_raw_paired")] = if ratios.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    hundredths(median(ratios))
+                };
+                rows[i][format!("{field}_vs_raw_paired_interval")] = interval
+                    .map_or(serde_json::Value::Null, |(lo, hi)| {
+                        json!([hundredths(lo), hundredths(hi)])
+                    });
+                rows[i][format!("{field}_target")] = match interval {
+                    Some(interval) if judged => json!(target.verdict(interval)),
+                    _ => serde_json::Value::Null,
+                };
+            }
         }
     }
     let run_steal = host::steal_pct(run_start, host::CpuTimes::now());
@@ -331,14 +369,19 @@ fn busier_than(max_steal: Option<f64>, steal: Option<f64>) -> bool {
     matches!((max_steal, steal), (Some(max), Some(s)) if s > max)
 }
 
-/// The order in which `n` transports take their turn in round `round`:
-/// forwards in even rounds, backwards in odd ones. Whatever a trial leaves
-/// behind for the next one (a server collecting its garbage, connections
-/// closing) then falls on each transport alike, not always on the one that
-/// follows the same other.
+/// The order in which `n` transports take their turn in round `round`: a
+/// rotation, starting with transport `round mod n`. Over `n` rounds each
+/// transport takes each place once, so whatever a trial leaves behind for
+/// the next one (a server collecting its garbage, connections closing) and
+/// whatever drifts within a round fall on every transport alike; and with
+/// three or more, none ever runs twice in a row. (Reversing the order every
+/// other round, as the bench did before, gave the first and the last
+/// transport two turns in a row at every boundary, and the ones between
+/// never: with a control, ours and the control were treated alike and the
+/// baseline differently.)
 fn turn_order(n: usize, round: u32) -> impl Iterator<Item = usize> {
-    let backwards = !round.is_multiple_of(2);
-    (0..n).map(move |i| if backwards { n - 1 - i } else { i })
+    let start = if n == 0 { 0 } else { round as usize % n };
+    (0..n).map(move |i| (start + i) % n)
 }
 
 /// One latency round of `rig`: the trial, the host's steal during it, and
@@ -380,18 +423,46 @@ async fn latency_round(
     }
 }
 
-/// The median of `ours[k] / base[k]` over the rounds both have. Rounds of a
-/// transport and of its baseline run one right after the other, so a slow
-/// minute of the host lands on both halves of a pair; the ratio of medians
-/// (the table's other column) compares rounds minutes apart.
-fn paired_ratio(ours: &[f64], base: &[f64]) -> Option<f64> {
-    let ratios: Vec<f64> = ours
-        .iter()
+/// `ours[k] / base[k]` for the rounds both have, whose median is the
+/// "paired" ratio. Rounds of a transport and of its baseline run one right
+/// after the other, so a slow minute of the host lands on both halves of a
+/// pair; the ratio of medians (the table's other column) compares rounds
+/// minutes apart.
+fn paired_ratios(ours: &[f64], base: &[f64]) -> Vec<f64> {
+    ours.iter()
         .zip(base)
         .filter(|(_, &b)| b > 0.0)
         .map(|(&x, &b)| x / b)
-        .collect();
-    (!ratios.is_empty()).then(|| median(ratios))
+        .collect()
+}
+
+/// Issues 2 and 6: sustained throughput at least 0.8× the raw baseline's.
+const THROUGHPUT_TARGET: f64 = 0.8;
+/// Issues 2 and 6: p99 at 50,000 msg/s at most 1.2× the raw baseline's.
+const P99_TARGET: f64 = 1.2;
+
+/// A bound a ratio to the baseline must keep.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    /// What an interval of the paired ratio (see [`median_interval`]) says
+    /// of the target: `met` or `missed` when all of it lies on one side,
+    /// `unresolved` when the host's noise leaves both possible.
+    fn verdict(self, (lo, hi): (f64, f64)) -> &'static str {
+        let (met, missed) = match self {
+            Target::AtLeast(t) => (lo >= t, hi < t),
+            Target::AtMost(t) => (hi <= t, lo > t),
+        };
+        match (met, missed) {
+            (true, _) => "met",
+            (_, true) => "missed",
+            _ => "unresolved",
+        }
+    }
 }
 
 /// A ratio as the table shows it, to two decimals.
@@ -419,9 +490,13 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs, run_steal: Op
         );
     }
     println!(
-        "| transport | procs | size B | sustained msg/s | vs raw | paired | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw | paired | steal % |"
+        "paired: the median of the round-by-round ratios, and in brackets an interval holding the true median with {:.0} % confidence (its width is the host's noise); target: met / missed when all of that interval is on one side of the target (≥ {THROUGHPUT_TARGET}× raw throughput, ≤ {P99_TARGET}× raw p99), else unresolved, - with fewer than 6 rounds",
+        MEDIAN_CONFIDENCE * 100.0
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| transport | procs | size B | sustained msg/s | vs raw | paired | target | unpaced offered msg/s | received | lost | reported lost | unreported | p50 µs | p99 µs | p99.9 µs | p99 vs raw | paired | target | steal % |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_owned(),
         serde_json::Value::Number(n) => n
@@ -436,15 +511,26 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs, run_steal: Op
             .unwrap_or_default(),
         other => other.to_string().trim_matches('"').to_owned(),
     };
+    // "1.05 [0.91, 1.20]": the paired ratio and its interval, when known.
+    let paired = |r: &serde_json::Value, field: &str| {
+        let median = f(&r[format!("{field}_vs_raw_paired")]);
+        match r[format!("{field}_vs_raw_paired_interval")].as_array() {
+            Some(lo_hi) if lo_hi.len() == 2 => {
+                format!("{median} [{}, {}]", f(&lo_hi[0]), f(&lo_hi[1]))
+            }
+            _ => median,
+        }
+    };
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             f(&r["transport"]),
             f(&r["processes"]),
             f(&r["size"]),
             f(&r["sustained_msg_s"]),
             f(&r["throughput_vs_raw"]),
-            f(&r["throughput_vs_raw_paired"]),
+            paired(r, "throughput"),
+            f(&r["throughput_target"]),
             f(&r["unpaced"]["offered_msg_s"]),
             f(&r["unpaced"]["received"]),
             f(&r["unpaced"]["lost"]),
@@ -454,7 +540,8 @@ fn print_table(rows: &[serde_json::Value], a: &TransportBenchArgs, run_steal: Op
             f(&r["p99_us"]),
             f(&r["p99_9_us"]),
             f(&r["p99_vs_raw"]),
-            f(&r["p99_vs_raw_paired"]),
+            paired(r, "p99"),
+            f(&r["p99_target"]),
             f(&r["host_steal_pct"]),
         );
     }
@@ -485,12 +572,16 @@ async fn throughput(
     let mut sustained: Vec<Vec<f64>> = vec![Vec::new(); rigs.len()];
     // Per rig: trials run again because they failed on a busy host.
     let mut repeated = vec![0u32; rigs.len()];
+    // Steps are counted across the bisections, so that the rotation of turns
+    // carries on from one to the next.
+    let mut step = 0u32;
     for _ in 0..a.throughput_rounds {
         let mut searches: Vec<Bisection> = tops.iter().map(|&t| Bisection::new(t)).collect();
-        for step in 0.. {
+        loop {
             if searches.iter().all(|s| s.next_rate().is_none()) {
                 break;
             }
+            step = step.wrapping_add(1);
             for k in turn_order(rigs.len(), step) {
                 let (rig, search) = (&mut rigs[k], &mut searches[k]);
                 let Some(rate) = search.next_rate() else {
@@ -1269,11 +1360,47 @@ mod tests {
     }
 
     #[test]
-    fn turns_go_forwards_then_backwards() {
-        let rounds: Vec<Vec<usize>> = (0..3).map(|r| turn_order(3, r).collect()).collect();
-        assert_eq!(rounds, [vec![0, 1, 2], vec![2, 1, 0], vec![0, 1, 2]]);
-        // Over a pair of rounds each transport goes first once (two of them).
-        let firsts: Vec<usize> = (0..2).filter_map(|r| turn_order(2, r).next()).collect();
-        assert_eq!(firsts, [0, 1]);
+    fn a_target_is_judged_only_when_the_whole_interval_agrees() {
+        let p99 = Target::AtMost(P99_TARGET);
+        assert_eq!(p99.verdict((0.9, 1.2)), "met");
+        assert_eq!(p99.verdict((1.15, 1.3)), "unresolved");
+        assert_eq!(p99.verdict((1.21, 1.5)), "missed");
+        let throughput = Target::AtLeast(THROUGHPUT_TARGET);
+        assert_eq!(throughput.verdict((0.8, 1.1)), "met");
+        assert_eq!(throughput.verdict((0.7, 0.85)), "unresolved");
+        assert_eq!(throughput.verdict((0.6, 0.79)), "missed");
+    }
+
+    #[test]
+    fn paired_ratios_skip_rounds_the_baseline_lacks() {
+        assert_eq!(
+            paired_ratios(&[2.0, 3.0, 4.0], &[1.0, 0.0]),
+            [2.0],
+            "a zero baseline round has no ratio; a missing one no pair"
+        );
+    }
+
+    #[test]
+    fn turns_rotate_so_every_transport_takes_every_place() {
+        let turns: Vec<usize> = (0..6).flat_map(|r| turn_order(3, r)).collect();
+        assert_eq!(
+            turns,
+            [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2, 1, 2, 0, 2, 0, 1]
+        );
+        // Every transport is first, second and third once in three rounds.
+        for place in 0..3 {
+            let mut at: Vec<usize> = turns.chunks(3).take(3).map(|round| round[place]).collect();
+            at.sort();
+            assert_eq!(at, [0, 1, 2], "place {place}");
+        }
+        // With three or more, none runs twice in a row, across rounds too.
+        for n in 3..6 {
+            let turns: Vec<usize> = (0..12).flat_map(|r| turn_order(n, r)).collect();
+            assert!(turns.windows(2).all(|w| w[0] != w[1]), "{n}: {turns:?}");
+        }
+        // Two transports alternate which goes first, as before.
+        let firsts: Vec<usize> = (0..4).filter_map(|r| turn_order(2, r).next()).collect();
+        assert_eq!(firsts, [0, 1, 0, 1]);
+        assert_eq!(turn_order(0, 5).count(), 0);
     }
 }
