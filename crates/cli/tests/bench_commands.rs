@@ -178,6 +178,7 @@ fn transport_bench_runs_a_control_beside_its_baseline() {
         assert!(r["throughput_vs_raw_paired_interval"].is_null(), "{r}");
         assert!(r["throughput_target"].is_null(), "{r}");
     }
+    assert!(rows[1]["p99_vs_raw_paired_interval"].is_null());
     assert!(rows[1]["p99_target"].is_null());
 }
 

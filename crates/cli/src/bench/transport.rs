@@ -305,8 +305,8 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
             let paired = |k: &str, i: Option<usize>| {
                 paired_ratios(&rounds(&row, k, i), &rounds(&base, k, i))
             };
-            // The baseline's ratios to itself are 1 by definition: no target
-            // to judge there.
+            // The baseline's ratios to itself are 1 by definition: no
+            // interval or target to judge there.
             let judged = row["transport"] != row["baseline"];
             for (field, ratios, target) in [
                 (
@@ -326,14 +326,15 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 } else {
                     hundredths(median(ratios))
                 };
-                rows[i][format!("{field}_vs_raw_paired_interval")] = interval
-                    .map_or(serde_json::Value::Null, |(lo, hi)| {
-                        json!([hundredths(lo), hundredths(hi)])
-                    });
-                rows[i][format!("{field}_target")] = match interval {
-                    Some(interval) if judged => json!(target.verdict(interval)),
-                    _ => serde_json::Value::Null,
+                let (interval, verdict) = match interval {
+                    Some((lo, hi)) if judged => (
+                        json!([hundredths(lo), hundredths(hi)]),
+                        json!(target.verdict((lo, hi))),
+                    ),
+                    _ => (serde_json::Value::Null, serde_json::Value::Null),
                 };
+                rows[i][format!("{field}_vs_raw_paired_interval")] = interval;
+                rows[i][format!("{field}_target")] = verdict;
             }
         }
     }
