@@ -327,8 +327,11 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     hundredths(median(ratios))
                 };
                 let (interval, verdict) = match interval {
+                    // Rounded outwards, so that the interval shown never
+                    // claims more than the one judged (0.798 shows as 0.79,
+                    // not as a 0.80 that would seem to meet 0.8).
                     Some((lo, hi)) if judged => (
-                        json!([hundredths(lo), hundredths(hi)]),
+                        json!([(lo * 100.0).floor() / 100.0, (hi * 100.0).ceil() / 100.0]),
                         json!(target.verdict((lo, hi))),
                     ),
                     _ => (serde_json::Value::Null, serde_json::Value::Null),
