@@ -300,7 +300,8 @@ pub struct TransportBenchArgs {
     /// Throughput bisections per transport. Each step of a bisection runs
     /// every transport's trial in turn (so a noisy moment of the machine
     /// lands on all of them); the sustained rate reported is the median of
-    /// the rounds.
+    /// the rounds. With 6 or more, the paired throughput ratio gets a 95 %
+    /// interval and a verdict on the target.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub throughput_rounds: u32,
     /// Offered rate of the latency run, messages per second.
@@ -309,9 +310,11 @@ pub struct TransportBenchArgs {
     /// Seconds of each latency round.
     #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub latency_s: f64,
-    /// Latency rounds per transport, alternating between transports (in
-    /// reverse order every other round, so none always follows the same
-    /// other); each percentile reported is the median of the rounds.
+    /// Latency rounds per transport, alternating between transports (each
+    /// round starting one transport later, so every one takes every place
+    /// and none runs twice in a row); each percentile reported is the
+    /// median of the rounds. With 6 or more, the paired p99 ratio gets a
+    /// 95 % interval and a verdict on the target (met, missed, unresolved).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub latency_rounds: u32,
     /// Repeat a latency round (up to 3 more times, then keep the quietest
