@@ -331,7 +331,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                     // claims more than the one judged (0.798 shows as 0.79,
                     // not as a 0.80 that would seem to meet 0.8).
                     Some((lo, hi)) if judged => (
-                        json!([(lo * 100.0).floor() / 100.0, (hi * 100.0).ceil() / 100.0]),
+                        json!([hundredths_by(lo, f64::floor), hundredths_by(hi, f64::ceil)]),
                         json!(target.verdict((lo, hi))),
                     ),
                     _ => (serde_json::Value::Null, serde_json::Value::Null),
@@ -471,7 +471,12 @@ impl Target {
 
 /// A ratio as the table shows it, to two decimals.
 fn hundredths(x: f64) -> serde_json::Value {
-    json!((x * 100.0).round() / 100.0)
+    json!(hundredths_by(x, f64::round))
+}
+
+/// `x` to two decimals, rounded by `round` (`f64::round`, `floor`, `ceil`).
+fn hundredths_by(x: f64, round: fn(f64) -> f64) -> f64 {
+    round(x * 100.0) / 100.0
 }
 
 /// The table on stdout. `run_steal` is the host's steal over the whole run
@@ -585,7 +590,6 @@ async fn throughput(
             if searches.iter().all(|s| s.next_rate().is_none()) {
                 break;
             }
-            step = step.wrapping_add(1);
             for k in turn_order(rigs.len(), step) {
                 let (rig, search) = (&mut rigs[k], &mut searches[k]);
                 let Some(rate) = search.next_rate() else {
@@ -620,6 +624,7 @@ async fn throughput(
                 repeated[k] += busy_failures;
                 search.record(rate, passed);
             }
+            step = step.wrapping_add(1);
         }
         for (k, search) in searches.iter().enumerate() {
             sustained[k].push(search.lo.round());
