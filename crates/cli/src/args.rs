@@ -336,6 +336,16 @@ pub struct TransportBenchArgs {
     /// resolution of the others.
     #[arg(long)]
     pub control: bool,
+    /// Send this many payload bytes in the control rows instead of the
+    /// row's size (needs --control; the row is named
+    /// `…-control-<BYTES>B`). The control then measures, round by round
+    /// beside the baseline, what the baseline itself pays for a longer or
+    /// shorter message: with `--sizes 100 --control-size 159`, what raw
+    /// pays for the bytes of eventplane's envelope. (Rows of different
+    /// sizes run minutes apart, and on a shared host they differ by more
+    /// than a size's effect; a paired control does not.)
+    #[arg(long, value_name = "BYTES", requires = "control")]
+    pub control_size: Option<usize>,
     /// Measure latency only: skip the throughput bisection and the unpaced
     /// trial (their columns are left empty). For quick comparisons while
     /// tuning; the README's table comes from a full run.

@@ -35,7 +35,11 @@
 //! (`…-control`), taking its turns beside the baseline as ours do and
 //! compared with it the same way. Its ratios differ from 1.00 only by the
 //! host's noise: how far they stray is how far apart two runs of the same
-//! code land during this run, the resolution of the other ratios.
+//! code land during this run, the resolution of the other ratios. With
+//! `--control-size`, the control sends payloads of that size instead
+//! (`…-control-159B`), still beside the baseline: its ratios then say what
+//! the baseline itself pays for the other size, paired round by round,
+//! which rows of different sizes, run minutes apart, cannot say.
 //!
 //! Each ratio to the baseline is given twice: the ratio of the medians, and
 //! the median of the paired ratios (each round of ours against the
@@ -212,6 +216,7 @@ pub async fn run(mut a: TransportBenchArgs) -> anyhow::Result<()> {
                 .map(|(t, control)| Rig {
                     transport: t,
                     control,
+                    size: a.control_size.filter(|_| control),
                     receive: match (a.receive, t) {
                         // The baselines receive as they always do: raw libzmq
                         // blocks on its thread, raw async-nats awaits.
@@ -747,6 +752,9 @@ fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
         "baseline": name(baseline(rig.transport)),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
+        // What its trials send: the row's size but for a control under
+        // `--control-size`.
+        "payload_size": rig.size.unwrap_or(size),
         "hwm": rig.hwm,
         "receive": match rig.receive {
             ReceiveOn::Async => "async",
@@ -760,6 +768,9 @@ struct Rig {
     /// A second run of a baseline, compared with the first like any other
     /// transport (`--control`).
     control: bool,
+    /// The payload size of its trials when it is not the row's: a control
+    /// under `--control-size`.
+    size: Option<usize>,
     receive: ReceiveOn,
     mode: Mode,
     hwm: i32,
@@ -768,18 +779,23 @@ struct Rig {
 }
 
 impl Rig {
-    /// The row's name: the transport's, with `-control` for a control run.
+    /// The row's name: the transport's, with `-control` for a control run
+    /// (and its payload size when that is its own: `-control-159B`).
     fn name(&self) -> String {
         let base = name(self.transport);
-        if self.control {
-            format!("{base}-control")
-        } else {
-            base.to_owned()
+        match (self.control, self.size) {
+            (true, Some(size)) => format!("{base}-control-{size}B"),
+            (true, None) => format!("{base}-control"),
+            (false, _) => base.to_owned(),
         }
     }
 
     async fn trial(&mut self, spec: Spec) -> anyhow::Result<Trial> {
         self.seq += 1;
+        let spec = Spec {
+            size: self.size.unwrap_or(spec.size),
+            ..spec
+        };
         match (self.transport, self.mode) {
             (BenchTransport::RawZmq, mode) => {
                 let hwm = self.hwm;
@@ -1366,6 +1382,30 @@ mod tests {
                 (RawNats, false)
             ]
         );
+    }
+
+    #[test]
+    fn a_control_at_a_size_of_its_own_says_so_and_keeps_its_row() {
+        let rig = |control, size| Rig {
+            transport: BenchTransport::RawNats,
+            control,
+            size,
+            receive: ReceiveOn::Async,
+            mode: Mode::TwoProcess,
+            hwm: 1,
+            seq: 0,
+            nats_url: String::new(),
+        };
+        let head = row_head(&rig(true, Some(159)), 100);
+        assert_eq!(head["transport"], "raw-async-nats-control-159B");
+        assert_eq!(head["payload_size"], 159);
+        // Grouped with the row's size, so compared with that baseline.
+        assert_eq!(head["size"], 100);
+        assert_eq!(head["baseline"], "raw-async-nats");
+        let head = row_head(&rig(true, None), 100);
+        assert_eq!(head["transport"], "raw-async-nats-control");
+        assert_eq!(head["payload_size"], 100);
+        assert_eq!(row_head(&rig(false, None), 4096)["payload_size"], 4096);
     }
 
     #[test]
