@@ -752,9 +752,8 @@ fn row_head(rig: &Rig, size: usize) -> serde_json::Value {
         "baseline": name(baseline(rig.transport)),
         "processes": if rig.mode == Mode::OneProcess { 1 } else { 2 },
         "size": size,
-        // What its trials send: the row's size but for a control under
-        // `--control-size`.
-        "payload_size": rig.size.unwrap_or(size),
+        // What its trials send (see `Rig::payload_size`).
+        "payload_size": rig.payload_size(size),
         "hwm": rig.hwm,
         "receive": match rig.receive {
             ReceiveOn::Async => "async",
@@ -790,10 +789,16 @@ impl Rig {
         }
     }
 
+    /// What its trials send in a row of `row_size` bytes: that, but for a
+    /// control under `--control-size`.
+    fn payload_size(&self, row_size: usize) -> usize {
+        self.size.unwrap_or(row_size)
+    }
+
     async fn trial(&mut self, spec: Spec) -> anyhow::Result<Trial> {
         self.seq += 1;
         let spec = Spec {
-            size: self.size.unwrap_or(spec.size),
+            size: self.payload_size(spec.size),
             ..spec
         };
         match (self.transport, self.mode) {
