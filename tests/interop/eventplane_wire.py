@@ -10,8 +10,8 @@ import msgpack
 
 SUBJECT_PREFIX = "ep"
 MAX_NAME_LEN = 256
-WIRE_VERSION = 1
-ENVELOPE_FIELDS = 8
+WIRE_VERSION = 2
+ENVELOPE_FIELDS = 7
 KIND_DATA = 0
 KIND_HEARTBEAT = 1
 U64_MAX = (1 << 64) - 1
@@ -56,8 +56,10 @@ def is_u64(v):
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64_MAX
 
 
-def decode_envelope(buf, subject):
-    """§2.3: returns (kind, publisher_id, incarnation, seq, timestamp_ns, payload)."""
+def decode_envelope(buf):
+    """§2.3: returns (kind, publisher_id, incarnation, seq, timestamp_ns, payload).
+    The envelope does not name its channel; the transport's framing does, and
+    the caller has checked it (§5.3, §11)."""
     try:
         env = msgpack.unpackb(buf, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types
@@ -66,8 +68,8 @@ def decode_envelope(buf, subject):
         raise Violation(f"envelope is not an array but {type(env).__name__}")
     if len(env) < ENVELOPE_FIELDS:
         raise Violation(f"envelope has {len(env)} elements; at least {ENVELOPE_FIELDS} expected")
-    # Elements after the eighth are ignored.
-    version, kind, pub_id, inc, seq, ts, env_subject, payload = env[:ENVELOPE_FIELDS]
+    # Elements after the seventh are ignored.
+    version, kind, pub_id, inc, seq, ts, payload = env[:ENVELOPE_FIELDS]
     for field, v in (("version", version), ("kind", kind), ("publisher_id", pub_id),
                      ("incarnation", inc), ("seq", seq), ("timestamp_ns", ts)):
         if not is_u64(v):
@@ -76,10 +78,6 @@ def decode_envelope(buf, subject):
         raise Violation(f"unsupported envelope version {version}")
     if kind not in (KIND_DATA, KIND_HEARTBEAT):
         raise Violation(f"unknown envelope kind {kind}")
-    if not isinstance(env_subject, str):
-        raise Violation(f"subject is {type(env_subject).__name__}, not a MessagePack str")
-    if env_subject != subject:
-        raise Violation(f"envelope subject {env_subject!r} is not {subject!r}")
     if not isinstance(payload, bytes):
         raise Violation(f"payload is {type(payload).__name__}, not a MessagePack bin")
     if kind == KIND_HEARTBEAT and payload:
@@ -148,11 +146,11 @@ def json_safe(v):
     return v
 
 
-def accept(tracker, messages, envelope, subject):
+def accept(tracker, messages, envelope):
     """§2.3, §3.4 and §4 for one received envelope: decode it, track its
     sequence number, and append a delivered data message (its payload
     decoded as MessagePack) to `messages`. Raises Violation."""
-    kind, pub_id, inc, seq, ts, payload = decode_envelope(envelope, subject)
+    kind, pub_id, inc, seq, ts, payload = decode_envelope(envelope)
     if not tracker.observe(kind, pub_id, inc, seq):
         return
     try:

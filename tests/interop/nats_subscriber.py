@@ -39,7 +39,7 @@ async def run(a):
     queue = asyncio.Queue()
 
     async def on_message(msg):
-        await queue.put(msg.data)
+        await queue.put((msg.subject, msg.data))
 
     my_id = random.getrandbits(64)
     hello = f"hello {my_id}".encode("ascii")
@@ -67,11 +67,14 @@ async def run(a):
                 fail(2, f"timeout: {len(messages)} of {a.count} data messages on {subject} "
                         f"within {a.timeout} s ({tracker.heartbeats} heartbeats)", "nats_subscriber")
             try:
-                data = await asyncio.wait_for(queue.get(), timeout=left)
+                got_subject, data = await asyncio.wait_for(queue.get(), timeout=left)
             except asyncio.TimeoutError:
                 continue
-            # §11.1: the NATS payload is the envelope, nothing before it.
-            accept(tracker, messages, data, subject)
+            # §11.1: the NATS subject names the channel; the payload is the
+            # envelope, nothing before it.
+            if got_subject != subject:
+                raise Violation(f"message on {got_subject!r}, not {subject!r}")
+            accept(tracker, messages, data)
     except Violation as e:
         fail(1, f"wire-format violation on {subject}: {e}", "nats_subscriber")
     finally:

@@ -158,7 +158,7 @@ def main():
             frame = frames[0]
             if not frame.startswith(sub_prefix):
                 raise Violation(f"frame does not start with the subject and NUL: {frame[:64]!r}")
-            accept(tracker, messages, frame[len(sub_prefix):], subject)
+            accept(tracker, messages, frame[len(sub_prefix):])
     except Violation as e:
         fail(1, f"wire-format violation on {subject}: {e}")
     finally:

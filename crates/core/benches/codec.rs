@@ -33,8 +33,6 @@ fn kv_events() -> Channel {
 }
 
 fn codec(c: &mut Criterion) {
-    let channel = kv_events();
-    let subject = channel.subject();
     let mut group = c.benchmark_group("envelope");
     for size in [100usize, 4096] {
         let payload = vec![0xab; size];
@@ -45,12 +43,12 @@ fn codec(c: &mut Criterion) {
             b.iter(|| {
                 seq += 1;
                 buf.clear();
-                encode(&header(seq), subject, p, &mut buf);
+                encode(&header(seq), p, &mut buf);
                 black_box(buf.len())
             })
         });
         let mut frame = Vec::new();
-        encode(&header(1), subject, &payload, &mut frame);
+        encode(&header(1), &payload, &mut frame);
         group.bench_with_input(BenchmarkId::new("decode", size), &frame, |b, f| {
             b.iter(|| black_box(decode(black_box(f)).unwrap().payload.len()))
         });
@@ -122,7 +120,7 @@ fn receiving(c: &mut Criterion) {
         let frames: VecDeque<bytes::Bytes> = (1..=N)
             .map(|seq| {
                 frame.clear();
-                encode(&header(seq), channel.subject(), &payload, &mut frame);
+                encode(&header(seq), &payload, &mut frame);
                 arena.extend_from_slice(&frame);
                 arena.split().freeze()
             })

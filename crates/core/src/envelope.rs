@@ -4,8 +4,15 @@
 //! the normative description):
 //!
 //! ```text
-//! [version=1, kind, publisher_id, incarnation, seq, timestamp_ns, subject, payload]
+//! [version=2, kind, publisher_id, incarnation, seq, timestamp_ns, payload]
 //! ```
+//!
+//! The channel's subject is not in the envelope: every transport already
+//! carries it beside the envelope (the NATS subject, the ZMQ frame's prefix,
+//! the in-process queue's key) and checks it there. Version 1 repeated it
+//! inside, a second copy of 20–40 bytes per message that bought no check the
+//! transport did not already make, and on two cores bytes cost latency
+//! (docs/transport-bench-history.md, 2026-12-07).
 //!
 //! The codec is written by hand over `rmp` rather than derived with serde: the
 //! layout is a documented wire contract that must not drift with a struct's
@@ -17,11 +24,11 @@ use rmp::decode::{self, NumValueReadError, ValueReadError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The version written in the first element of every envelope.
-pub const WIRE_VERSION: u64 = 1;
+pub const WIRE_VERSION: u64 = 2;
 
-/// Number of array elements in a version-1 envelope. Decoders ignore any
+/// Number of array elements in a version-2 envelope. Decoders ignore any
 /// elements after these (room for compatible additions).
-pub const ENVELOPE_FIELDS: u32 = 8;
+pub const ENVELOPE_FIELDS: u32 = 7;
 
 /// What an envelope carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,28 +70,11 @@ pub struct Header {
     pub timestamp_ns: u64,
 }
 
-/// A decoded envelope borrowing its subject and payload from the buffer.
+/// A decoded envelope borrowing its payload from the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EnvelopeRef<'a> {
     /// The fixed fields.
     pub header: Header,
-    /// The channel subject the publisher sent it on.
-    pub subject: &'a str,
-    /// The application payload (MessagePack for typed publishers).
-    pub payload: &'a [u8],
-}
-
-/// An envelope decoded but for its subject, which is left as bytes: what a
-/// subscriber needs, since it only compares the subject with its channel's
-/// (a subject equal to a `&str` is valid UTF-8; one that is not equal is
-/// dropped either way). Validating it was a fifth of [`decode()`]'s
-/// instructions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawEnvelopeRef<'a> {
-    /// The fixed fields.
-    pub header: Header,
-    /// The channel subject the publisher sent it on, not checked for UTF-8.
-    pub subject: &'a [u8],
     /// The application payload (MessagePack for typed publishers).
     pub payload: &'a [u8],
 }
@@ -104,15 +94,13 @@ pub enum DecodeError {
     /// The named field had the wrong MessagePack type or range.
     #[error("field `{0}` has the wrong type")]
     WrongType(&'static str),
-    /// A version this decoder does not speak.
+    /// A version this decoder does not speak (version 1, which carried the
+    /// subject inside, included: see `docs/wire-format.md` §2.5).
     #[error("unsupported envelope version {0} (this build speaks {WIRE_VERSION})")]
     UnsupportedVersion(u64),
     /// A kind this decoder does not know.
     #[error("unknown envelope kind {0}")]
     UnknownKind(u64),
-    /// The subject is not valid UTF-8.
-    #[error("subject is not valid UTF-8")]
-    BadSubject,
 }
 
 impl DecodeError {
@@ -125,7 +113,6 @@ impl DecodeError {
             DecodeError::WrongType(_) => "wrong_type",
             DecodeError::UnsupportedVersion(_) => "unsupported_version",
             DecodeError::UnknownKind(_) => "unknown_kind",
-            DecodeError::BadSubject => "bad_subject",
         }
     }
 }
@@ -176,16 +163,16 @@ pub fn coarse_unix_nanos() -> u64 {
 }
 
 /// Appends the encoded envelope to `out`.
-pub fn encode(header: &Header, subject: &str, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(48 + subject.len() + payload.len());
-    encode_head(header, subject, payload.len(), out);
+pub fn encode(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(48 + payload.len());
+    encode_head(header, payload.len(), out);
     out.extend_from_slice(payload);
 }
 
 /// Appends everything of the envelope but the payload bytes themselves (which
 /// must follow, `payload_len` of them). Lets a transport assemble the frame
 /// with a single copy of the payload.
-pub fn encode_head(header: &Header, subject: &str, payload_len: usize, out: &mut Vec<u8>) {
+pub fn encode_head(header: &Header, payload_len: usize, out: &mut Vec<u8>) {
     // Writing to a Vec cannot fail.
     let _ = rmp::encode::write_array_len(out, ENVELOPE_FIELDS);
     let _ = rmp::encode::write_uint(out, WIRE_VERSION);
@@ -194,13 +181,12 @@ pub fn encode_head(header: &Header, subject: &str, payload_len: usize, out: &mut
     let _ = rmp::encode::write_uint(out, header.incarnation);
     let _ = rmp::encode::write_uint(out, header.seq);
     let _ = rmp::encode::write_uint(out, header.timestamp_ns);
-    let _ = rmp::encode::write_str(out, subject);
     let _ = rmp::encode::write_bin_len(out, payload_len as u32);
 }
 
 /// The head of a publisher's envelopes (everything before the payload, and
 /// whatever the transport wants in front), with what never changes encoded
-/// once: the array header, version, publisher id, incarnation and subject.
+/// once: the array header, version, publisher id and incarnation.
 /// A publish then writes only its kind, sequence number, timestamp and
 /// payload length. Encoding the whole head each time was over half of a
 /// publish's instructions. The output is byte for byte [`encode_head`]'s.
@@ -210,14 +196,12 @@ pub struct HeadTemplate {
     before_seq: Vec<u8>,
     /// Where the kind byte is in `before_seq` (0 and 1 are one-byte fixints).
     kind_at: usize,
-    /// The subject as a MessagePack str.
-    subject: Vec<u8>,
 }
 
 impl HeadTemplate {
     /// The template for envelopes with `prefix` in front, from `publisher_id`
-    /// (`incarnation`), on `subject`.
-    pub fn new(prefix: &[u8], publisher_id: u64, incarnation: u64, subject: &str) -> Self {
+    /// (`incarnation`).
+    pub fn new(prefix: &[u8], publisher_id: u64, incarnation: u64) -> Self {
         let mut before_seq = prefix.to_vec();
         let _ = rmp::encode::write_array_len(&mut before_seq, ENVELOPE_FIELDS);
         let _ = rmp::encode::write_uint(&mut before_seq, WIRE_VERSION);
@@ -225,12 +209,9 @@ impl HeadTemplate {
         let _ = rmp::encode::write_uint(&mut before_seq, Kind::Data as u64);
         let _ = rmp::encode::write_uint(&mut before_seq, publisher_id);
         let _ = rmp::encode::write_uint(&mut before_seq, incarnation);
-        let mut encoded_subject = Vec::with_capacity(subject.len() + 5);
-        let _ = rmp::encode::write_str(&mut encoded_subject, subject);
         Self {
             before_seq,
             kind_at,
-            subject: encoded_subject,
         }
     }
 
@@ -246,29 +227,17 @@ impl HeadTemplate {
         out: &mut Vec<u8>,
     ) {
         let start = out.len();
-        out.reserve(self.before_seq.len() + self.subject.len() + 23);
+        out.reserve(self.before_seq.len() + 23);
         out.extend_from_slice(&self.before_seq);
         out[start + self.kind_at] = kind as u8;
         let _ = rmp::encode::write_uint(out, seq);
         let _ = rmp::encode::write_uint(out, timestamp_ns);
-        out.extend_from_slice(&self.subject);
         let _ = rmp::encode::write_bin_len(out, payload_len as u32);
     }
 }
 
-/// Decodes an envelope, borrowing subject and payload from `buf`.
+/// Decodes an envelope, borrowing its payload from `buf`.
 pub fn decode(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
-    let raw = decode_raw(buf)?;
-    Ok(EnvelopeRef {
-        header: raw.header,
-        subject: std::str::from_utf8(raw.subject).map_err(|_| DecodeError::BadSubject)?,
-        payload: raw.payload,
-    })
-}
-
-/// Decodes an envelope as [`decode()`] does, except that the subject is not
-/// checked for UTF-8 (see [`RawEnvelopeRef`]).
-pub fn decode_raw(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
     match decode_usual(buf) {
         Some(env) => Ok(env),
         None => decode_any(buf),
@@ -276,28 +245,21 @@ pub fn decode_raw(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
 }
 
 /// The envelopes publishers write, read byte by byte: an array of exactly
-/// 8, version 1, kind 0 or 1, four unsigned integers, a str subject and a
-/// bin payload. `None` for anything else (another valid encoding, or an
-/// invalid envelope), which [`decode_any`] then decides, errors included;
-/// where this returns an envelope, [`decode_any`] returns the same one (a
-/// property test checks it). Through `rmp` alone decoding took ~350
-/// instructions, a third of a subscriber's work per message.
+/// 7, version 2, kind 0 or 1, four unsigned integers and a bin payload.
+/// `None` for anything else (another valid encoding, or an invalid
+/// envelope), which [`decode_any`] then decides, errors included; where this
+/// returns an envelope, [`decode_any`] returns the same one (a property test
+/// checks it). Through `rmp` alone decoding took ~350 instructions, a third
+/// of a subscriber's work per message.
 #[inline]
-fn decode_usual(buf: &[u8]) -> Option<RawEnvelopeRef<'_>> {
-    let [0x98, 0x01, kind @ (0x00 | 0x01), rest @ ..] = buf else {
+fn decode_usual(buf: &[u8]) -> Option<EnvelopeRef<'_>> {
+    let [0x97, 0x02, kind @ (0x00 | 0x01), rest @ ..] = buf else {
         return None;
     };
     let (publisher_id, rest) = usual_uint(rest)?;
     let (incarnation, rest) = usual_uint(rest)?;
     let (seq, rest) = usual_uint(rest)?;
     let (timestamp_ns, rest) = usual_uint(rest)?;
-    let (subject_len, rest) = match *rest {
-        [m @ 0xa0..=0xbf, ref rest @ ..] => (usize::from(m & 0x1f), rest),
-        [0xd9, n, ref rest @ ..] => (usize::from(n), rest),
-        [0xda, a, b, ref rest @ ..] => (usize::from(u16::from_be_bytes([a, b])), rest),
-        _ => return None,
-    };
-    let (subject, rest) = rest.split_at_checked(subject_len)?;
     let (payload_len, rest) = match *rest {
         [0xc4, n, ref rest @ ..] => (usize::from(n), rest),
         [0xc5, a, b, ref rest @ ..] => (usize::from(u16::from_be_bytes([a, b])), rest),
@@ -305,7 +267,7 @@ fn decode_usual(buf: &[u8]) -> Option<RawEnvelopeRef<'_>> {
         _ => return None,
     };
     let payload = rest.get(..payload_len)?;
-    Some(RawEnvelopeRef {
+    Some(EnvelopeRef {
         header: Header {
             kind: if *kind == 0 {
                 Kind::Data
@@ -317,7 +279,6 @@ fn decode_usual(buf: &[u8]) -> Option<RawEnvelopeRef<'_>> {
             seq,
             timestamp_ns,
         },
-        subject,
         payload,
     })
 }
@@ -340,7 +301,7 @@ fn usual_uint(buf: &[u8]) -> Option<(u64, &[u8])> {
 
 /// Any valid envelope, through `rmp`, and the error that names the field
 /// for an invalid one.
-fn decode_any(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
+fn decode_any(buf: &[u8]) -> Result<EnvelopeRef<'_>, DecodeError> {
     let mut rd = buf;
     let len = decode::read_array_len(&mut rd).map_err(|e| match e {
         ValueReadError::TypeMismatch(_) => DecodeError::NotAnArray,
@@ -365,17 +326,10 @@ fn decode_any(buf: &[u8]) -> Result<RawEnvelopeRef<'_>, DecodeError> {
         seq: read_u64(&mut rd, "seq")?,
         timestamp_ns: read_u64(&mut rd, "timestamp_ns")?,
     };
-    let subject_len =
-        decode::read_str_len(&mut rd).map_err(|e| value_error(e, "subject"))? as usize;
-    let subject = take(&mut rd, subject_len, "subject")?;
     let payload_len =
         decode::read_bin_len(&mut rd).map_err(|e| value_error(e, "payload"))? as usize;
     let payload = take(&mut rd, payload_len, "payload")?;
-    Ok(RawEnvelopeRef {
-        header,
-        subject,
-        payload,
-    })
+    Ok(EnvelopeRef { header, payload })
 }
 
 fn read_u64(rd: &mut &[u8], field: &'static str) -> Result<u64, DecodeError> {
@@ -421,10 +375,9 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut buf = Vec::new();
-        encode(&header(7), "ep.a.b.c", b"hello", &mut buf);
+        encode(&header(7), b"hello", &mut buf);
         let env = decode(&buf).unwrap();
         assert_eq!(env.header, header(7));
-        assert_eq!(env.subject, "ep.a.b.c");
         assert_eq!(env.payload, b"hello");
     }
 
@@ -439,32 +392,29 @@ mod tests {
             seq: 1,
             timestamp_ns: 5,
         };
-        encode(&h, "ep.n.c.t", &[0xc0], &mut buf);
+        encode(&h, &[0xc0], &mut buf);
         let expected: &[u8] = &[
-            0x98, 0x01, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xa8, b'e', b'p', b'.', b'n',
-            b'.', b'c', b'.', b't', 0xc4, 0x01, 0xc0,
+            0x97, 0x02, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xc4, 0x01, 0xc0,
         ];
         assert_eq!(buf, expected);
     }
 
+    /// A version-1 envelope (the subject at index 6) is refused by its
+    /// version, not misread: its subject would otherwise pass for the payload.
     #[test]
-    fn only_decode_checks_the_subject_for_utf8() {
-        let mut buf = Vec::new();
-        encode(&header(3), "ep.a.b.c", b"x", &mut buf);
-        let at = buf.windows(8).position(|w| w == b"ep.a.b.c").unwrap();
-        buf[at] = 0xff;
-        assert_eq!(decode(&buf), Err(DecodeError::BadSubject));
-        let raw = decode_raw(&buf).unwrap();
-        assert_eq!(raw.header, header(3));
-        assert_eq!(raw.subject, b"\xffp.a.b.c");
-        assert_eq!(raw.payload, b"x");
+    fn version_one_is_refused_by_name() {
+        let v1: &[u8] = &[
+            0x98, 0x01, 0x00, 0x07, 0xcd, 0x03, 0xe8, 0x01, 0x05, 0xa8, b'e', b'p', b'.', b'n',
+            b'.', b'c', b'.', b't', 0xc4, 0x01, 0xc0,
+        ];
+        assert_eq!(decode(v1), Err(DecodeError::UnsupportedVersion(1)));
     }
 
     #[test]
     fn extra_trailing_fields_are_ignored() {
         let mut buf = Vec::new();
-        encode(&header(1), "s", b"p", &mut buf);
-        buf[0] = 0x99; // array of 9
+        encode(&header(1), b"p", &mut buf);
+        buf[0] = 0x98; // array of 8
         buf.push(0xc0); // nil
         assert_eq!(decode(&buf).unwrap().payload, b"p");
     }
@@ -473,19 +423,23 @@ mod tests {
     fn errors_name_the_field() {
         assert_eq!(decode(&[]), Err(DecodeError::Truncated("array")));
         assert_eq!(decode(&[0xc0]), Err(DecodeError::NotAnArray));
-        assert_eq!(decode(&[0x93, 1, 0, 0]), Err(DecodeError::TooFewFields(3)));
-        assert_eq!(decode(&[0x98, 2]), Err(DecodeError::UnsupportedVersion(2)));
-        assert_eq!(decode(&[0x98, 1, 9]), Err(DecodeError::UnknownKind(9)));
+        assert_eq!(decode(&[0x93, 2, 0, 0]), Err(DecodeError::TooFewFields(3)));
+        assert_eq!(decode(&[0x97, 3]), Err(DecodeError::UnsupportedVersion(3)));
+        assert_eq!(decode(&[0x97, 2, 9]), Err(DecodeError::UnknownKind(9)));
         assert_eq!(
-            decode(&[0x98, 1, 0, 0xa1, b'x']),
+            decode(&[0x97, 2, 0, 0xa1, b'x']),
             Err(DecodeError::WrongType("publisher_id"))
         );
         assert_eq!(
-            decode(&[0x98, 1, 0, 0xff]),
+            decode(&[0x97, 2, 0, 0xff]),
             Err(DecodeError::WrongType("publisher_id"))
+        );
+        assert_eq!(
+            decode(&[0x97, 2, 0, 1, 2, 3, 4, 0xa1, b'x']),
+            Err(DecodeError::WrongType("payload"))
         );
         let mut buf = Vec::new();
-        encode(&header(1), "subject", b"payload", &mut buf);
+        encode(&header(1), b"payload", &mut buf);
         for cut in 0..buf.len() {
             assert!(
                 decode(&buf[..cut]).is_err(),
@@ -509,14 +463,14 @@ mod tests {
         #[test]
         fn the_usual_path_agrees_with_rmp(
             pid in uint(), inc in uint(), seq in uint(), ts in uint(), hb: bool,
-            subject in ".{0,100}", payload in proptest::collection::vec(any::<u8>(), 0..300),
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
             at in any::<proptest::sample::Index>(), byte: u8, mutate: bool,
             cut in any::<proptest::sample::Index>(), truncate: bool,
         ) {
             let kind = if hb { Kind::Heartbeat } else { Kind::Data };
             let header = Header { kind, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
             let mut buf = Vec::new();
-            encode(&header, &subject, &payload, &mut buf);
+            encode(&header, &payload, &mut buf);
             // Unchanged, what publishers write takes the usual path.
             prop_assert_eq!(decode_usual(&buf), Some(decode_any(&buf).unwrap()));
             // Damaged, it either does and agrees, or leaves it to rmp.
@@ -536,14 +490,14 @@ mod tests {
         fn the_template_writes_what_encode_head_writes(
             prefix in proptest::collection::vec(any::<u8>(), 0..40),
             pid: u64, inc: u64, seq: u64, ts: u64, hb: bool,
-            subject in ".{0,300}", payload_len in 0usize..100_000,
+            payload_len in 0usize..100_000,
         ) {
             let kind = if hb { Kind::Heartbeat } else { Kind::Data };
             let header = Header { kind, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
             let mut expected = prefix.clone();
-            encode_head(&header, &subject, payload_len, &mut expected);
+            encode_head(&header, payload_len, &mut expected);
             let mut got = vec![7u8]; // the template appends
-            HeadTemplate::new(&prefix, pid, inc, &subject).encode(kind, seq, ts, payload_len, &mut got);
+            HeadTemplate::new(&prefix, pid, inc).encode(kind, seq, ts, payload_len, &mut got);
             prop_assert_eq!(&got[1..], &expected[..]);
         }
 
@@ -553,13 +507,12 @@ mod tests {
         }
 
         #[test]
-        fn round_trips_any_header(pid: u64, inc: u64, seq: u64, ts: u64, hb: bool, subject in ".{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn round_trips_any_header(pid: u64, inc: u64, seq: u64, ts: u64, hb: bool, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let h = Header { kind: if hb { Kind::Heartbeat } else { Kind::Data }, publisher_id: pid, incarnation: inc, seq, timestamp_ns: ts };
             let mut buf = Vec::new();
-            encode(&h, &subject, &payload, &mut buf);
+            encode(&h, &payload, &mut buf);
             let env = decode(&buf).unwrap();
             prop_assert_eq!(env.header, h);
-            prop_assert_eq!(env.subject, subject.as_str());
             prop_assert_eq!(env.payload, payload.as_slice());
         }
     }

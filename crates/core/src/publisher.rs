@@ -202,7 +202,6 @@ impl Publisher {
             sink.frame_prefix(),
             identity.publisher_id,
             identity.incarnation,
-            channel.subject(),
         );
         let prefix_len = sink.frame_prefix().len();
         let subscriptions = sink.subscriptions();
@@ -418,7 +417,6 @@ mod tests {
             ]
         );
         let e = crate::envelope::decode(&frames[1]).unwrap();
-        assert_eq!(e.subject, "ep.n.c.t");
         assert_eq!(rmp_serde::from_slice::<String>(e.payload).unwrap(), "a");
     }
 

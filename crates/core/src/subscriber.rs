@@ -89,8 +89,6 @@ pub struct SubscriberStats {
     pub changes_dropped: u64,
     /// Envelopes that failed to decode, by [`DecodeError::label`].
     pub decode_errors: BTreeMap<&'static str, u64>,
-    /// Envelopes for another subject than this subscriber's.
-    pub wrong_subject: u64,
     /// Payloads that did not decode into the subscriber's type.
     pub payload_errors: u64,
     /// Sequence tracking totals.
@@ -98,13 +96,12 @@ pub struct SubscriberStats {
 }
 
 impl SubscriberStats {
-    /// All malformed input: bad framing, oversized, undecodable, wrong subject,
-    /// bad payloads.
+    /// All malformed input: bad framing, oversized, undecodable, bad
+    /// payloads.
     pub fn malformed(&self) -> u64 {
         self.bad_framing
             + self.oversized
             + self.decode_errors.values().sum::<u64>()
-            + self.wrong_subject
             + self.payload_errors
     }
 }
@@ -138,7 +135,6 @@ pub struct RawSubscriber {
     frames_received_ns: u64,
     notices: Vec<Notice>,
     decode_errors: BTreeMap<&'static str, u64>,
-    wrong_subject: u64,
     payload_errors: u64,
     log: LogOnce,
     _guard: Box<dyn Send + Sync>,
@@ -170,7 +166,6 @@ impl RawSubscriber {
             frames_received_ns: 0,
             notices: Vec::new(),
             decode_errors: BTreeMap::new(),
-            wrong_subject: 0,
             payload_errors: 0,
             log: LogOnce::default(),
             _guard: guard,
@@ -291,7 +286,6 @@ impl RawSubscriber {
             oversized: get(&c.oversized),
             changes_dropped: get(&c.changes_dropped),
             decode_errors: self.decode_errors.clone(),
-            wrong_subject: self.wrong_subject,
             payload_errors: self.payload_errors,
             sequence: self.tracker.counters(),
         }
@@ -318,24 +312,15 @@ impl RawSubscriber {
     /// it (a gap, a restart) came first, in which case they and the message
     /// after them join `pending` and the first of them is returned.
     fn absorb_frame(&mut self, frame: Bytes, now: u64) -> Option<Event<RawMessage>> {
-        let env = match envelope::decode_raw(&frame) {
+        // The transport has checked the frame's subject (docs/wire-format.md
+        // §2.1): the envelope no longer repeats it.
+        let env = match envelope::decode(&frame) {
             Ok(env) => env,
             Err(e) => {
                 self.decode_failed(e, &frame);
                 return None;
             }
         };
-        // Bytes equal to a `&str` are valid UTF-8: no separate check.
-        if env.subject != self.channel.subject().as_bytes() {
-            self.wrong_subject += 1;
-            if self.log.first("wrong_subject") {
-                tracing::warn!(
-                    channel = %self.channel, subject = %String::from_utf8_lossy(env.subject), publisher_id = env.header.publisher_id,
-                    "envelope for another subject dropped (further ones are counted, not logged)"
-                );
-            }
-            return None;
-        }
         let header = env.header;
         let payload_range = offset_of(&frame, env.payload);
         let verdict = self.tracker.observe(&header, now, &mut self.notices);
@@ -497,7 +482,7 @@ mod tests {
     use crate::name::Scope;
     use crate::queue::{source_queue, QueueLimits};
 
-    fn frame(subject: &str, seq: u64) -> Vec<u8> {
+    fn frame(seq: u64) -> Vec<u8> {
         let header = Header {
             kind: Kind::Data,
             publisher_id: 5,
@@ -506,7 +491,7 @@ mod tests {
             timestamp_ns: 1,
         };
         let mut buf = Vec::new();
-        encode(&header, subject, b"p", &mut buf);
+        encode(&header, b"p", &mut buf);
         buf
     }
 
@@ -531,22 +516,20 @@ mod tests {
 
     /// Messages taken one by one and from a batch alike: a notice about a
     /// message (here the gap that dropped envelopes left) comes right before
-    /// it, and an envelope whose subject is not the channel's, even one that
-    /// is not UTF-8, is counted as such and not delivered.
+    /// it, and envelopes that do not decode (one cut short, one of another
+    /// wire version) are counted by reason and not delivered.
     #[test]
-    fn notices_precede_their_message_and_foreign_subjects_are_counted() {
+    fn notices_precede_their_message_and_undecodable_envelopes_are_counted() {
         let ch = Scope::new("n", "c").unwrap().channel("t").unwrap();
-        let mut not_utf8 = frame(ch.subject(), 2);
-        let at = not_utf8
-            .windows(ch.subject().len())
-            .position(|w| w == ch.subject().as_bytes())
-            .unwrap();
-        not_utf8[at] = 0xff;
+        let mut cut_short = frame(2);
+        cut_short.pop();
+        let mut other_version = frame(3);
+        other_version[1] = 1;
         let frames = vec![
-            Bytes::from(frame(ch.subject(), 1)),
-            Bytes::from(not_utf8),
-            Bytes::from(frame("ep.n.c.other", 3)),
-            Bytes::from(frame(ch.subject(), 4)),
+            Bytes::from(frame(1)),
+            Bytes::from(cut_short),
+            Bytes::from(other_version),
+            Bytes::from(frame(4)),
         ];
         let (tx, batched) = source_queue(QueueLimits::default());
         assert!(tx.push(frames.clone(), 1));
@@ -565,8 +548,13 @@ mod tests {
             }
             assert_eq!(events, ["joined", "message 1", "gap 2-3", "message 4"]);
             let st = sub.stats();
-            assert_eq!(st.wrong_subject, 2, "{st:?}");
-            assert!(st.decode_errors.is_empty(), "{st:?}");
+            assert_eq!(st.decode_errors.get("truncated"), Some(&1), "{st:?}");
+            assert_eq!(
+                st.decode_errors.get("unsupported_version"),
+                Some(&1),
+                "{st:?}"
+            );
+            assert_eq!(st.malformed(), 2, "{st:?}");
         }
     }
 }
