@@ -7,7 +7,8 @@
 //!
 //! - [`name`]: [`Scope`] + topic = [`Channel`], escaped into a wire subject.
 //! - [`envelope`]: the MessagePack envelope (publisher id, incarnation,
-//!   sequence, timestamp, subject, payload) and its codec.
+//!   sequence, timestamp, payload; the subject travels in the transport's
+//!   framing) and its codec.
 //! - [`sequence`]: [`SequenceTracker`], a sans-IO state machine that detects
 //!   gaps, restarts, duplicates and reordering per publisher.
 //! - [`publisher`]: [`Publisher`], numbering and encoding messages into a

@@ -313,7 +313,7 @@ impl RawSubscriber {
     /// after them join `pending` and the first of them is returned.
     fn absorb_frame(&mut self, frame: Bytes, now: u64) -> Option<Event<RawMessage>> {
         // The transport has checked the frame's subject (docs/wire-format.md
-        // §2.1): the envelope no longer repeats it.
+        // §2): the envelope no longer repeats it.
         let env = match envelope::decode(&frame) {
             Ok(env) => env,
             Err(e) => {
