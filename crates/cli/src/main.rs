@@ -78,7 +78,16 @@ async fn run(command: args::Command) -> anyhow::Result<()> {
         args::Command::Tail(a) => tail::run(a).await,
         args::Command::Publish(a) => publish::run(a).await,
         args::Command::Bench(b) => match b.target {
-            args::BenchTarget::Transport(a) => bench::transport::run(a).await,
+            // A signal drops the bench, and with it the `nats-server` it
+            // started (killed on drop): the default action would end the
+            // process without running any drop, leaving the server behind.
+            args::BenchTarget::Transport(a) => tokio::select! {
+                r = bench::transport::run(a) => r,
+                r = interrupted() => {
+                    r?;
+                    anyhow::bail!("interrupted; stopped the servers the bench had started")
+                }
+            },
             args::BenchTarget::Index(a) => bench::index::run(a),
             args::BenchTarget::Relay(a) => bench::relay::run(a).await,
             args::BenchTarget::Frontend(a) => bench::frontend::run(a).await,

@@ -1,7 +1,8 @@
 //! The bench commands end to end, small: `bench index` on workloads written
 //! here (the JSON it prints, its verdict on the fingerprint, its errors),
-//! `bench relay` (every engine block event arrives, none lost) and a short
-//! `bench transport` (its rows, the control's, and its flags' checks).
+//! `bench relay` (every engine block event arrives, none lost), a short
+//! `bench transport` (its rows, the control's, and its flags' checks), and a
+//! transport bench stopped by a signal (its `nats-server` goes with it).
 
 mod common;
 
@@ -196,4 +197,74 @@ fn transport_bench_refuses_a_trial_of_no_time() {
             "{stderr}"
         );
     }
+}
+
+/// The `nats-server` a transport bench starts among the children of `bench`.
+fn nats_server_child(bench: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{bench}/task")).ok()?;
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "nats-server")
+        })
+}
+
+/// SIGTERM in the middle of a NATS bench: the bench says it was interrupted
+/// and takes the `nats-server` it started down with it (a signal's default
+/// action would have ended the bench without running the server's drop,
+/// leaving it running).
+#[test]
+fn a_signal_stops_the_transport_bench_and_its_nats_server() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args(["bench", "transport", "--transports", "nats"])
+        .args(["--sizes", "100"])
+        .args(["--two-process", "false", "--latency-only"])
+        .args(["--latency-rounds", "50", "--latency-s", "10"])
+        .env("EVENTPLANE_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(bench.stderr.take().unwrap());
+    let mut line = String::new();
+    // The bench connects to its server only once the server is ready.
+    while !line.contains("connected to NATS") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the bench ended before connecting"
+        );
+    }
+    let server = nats_server_child(bench.id()).expect("the bench's nats-server");
+    // Should the bench leave it behind after all, the test does not.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
+                // SAFETY: kill(2); at worst the pid is gone already.
+                unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    let _cleanup = KillOnDrop(server);
+    // SAFETY: kill(2) on a child we have not reaped.
+    unsafe { libc::kill(bench.id() as i32, libc::SIGTERM) };
+    let status = bench.wait().unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(!status.success());
+    assert!(rest.contains("interrupted"), "{rest}");
+    // The bench killed and reaped its server before it exited.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{server}")).exists(),
+        "nats-server {server} outlived its bench"
+    );
 }
