@@ -340,9 +340,9 @@ pub struct TransportBenchArgs {
     /// row's size (needs --control; the row is named
     /// `…-control-<BYTES>B`). The control then measures, round by round
     /// beside the baseline, what the baseline itself pays for a longer or
-    /// shorter message: with `--sizes 100 --control-size 136`, what raw
-    /// pays for a message as long as eventplane's over NATS (a 100 B payload
-    /// in wire format 2's envelope). (Rows of different
+    /// shorter message: with `--sizes 100 --control-size 128`, what raw
+    /// pays for a message as long as the bench's eventplane messages over
+    /// NATS (a 100 B payload in wire format 2's envelope). (Rows of different
     /// sizes run minutes apart, and on a shared host they differ by more
     /// than a size's effect; a paired control does not.)
     #[arg(long, value_name = "BYTES", requires = "control")]
